@@ -1,0 +1,375 @@
+"""Export of the client sub-model as ONNX Runtime on-device training artifacts.
+
+The construction (verified on ORT 1.19.2, see docs/export.md):
+
+1. The client part is exported with torch's legacy exporter in training mode,
+   ``do_constant_folding=False`` and opset 17, so BatchNorm keeps its training
+   form and every initializer keeps its torchvision parameter name. The exporter
+   runs the model once in train mode, which would move BatchNorm running
+   statistics: the state is snapshotted before and restored after.
+2. ORT's training API cannot start backward from an external gradient, so the
+   "loss" is ``ReduceSum(activation * grad_activation)`` with ``grad_activation``
+   an extra graph input. Its parameter gradients are exactly the vector-Jacobian
+   product the client needs from the server's gradient.
+3. BatchNorm running statistics are frozen parameters; everything else requires
+   gradients.
+4. ``eval_model.onnx`` is rewritten into the train-mode forward (BatchNorm on
+   batch statistics, ``momentum=1`` so the running statistics stay untouched, the
+   loss and its ``grad_activation`` input removed): its output is bit-identical to
+   the activation the train step computes. ``inference_model.onnx`` is the
+   eval-mode forward (running statistics) for evaluation and for inference-only
+   providers (TensorRT, CANN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import warnings
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import torch
+from torch import nn
+
+from . import manifest as mf
+from . import split, zoo
+
+OPSET = 17
+ACTIVATION = "activation"
+INPUT = "input"
+GRAD_INPUT = "grad_activation"
+
+
+class ExportError(Exception):
+    """Bad export request (reported to the user, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model: str
+    cut: str | int
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    out: str | None = None
+    force: bool = False
+    weights: str | None = None
+    seed: int = 0
+
+
+def load_state_file(path: str) -> dict[str, torch.Tensor]:
+    """Reads a ``state_dict`` from safetensors, or from a torch file without executing pickled code."""
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"--weights {path}: no such file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
+        raise ExportError(f"--weights {path}: cannot read ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ExportError(f"--weights {path}: not a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"--out {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: {probe} is not writable")
+
+
+class _InjectedGradLoss:
+    """``loss = ReduceSum(activation * grad_activation)`` as an onnxblock."""
+
+    def __new__(cls):  # built lazily so importing this module does not import ORT
+        from onnxruntime.training import onnxblock
+
+        class Loss(onnxblock.Block):
+            def __init__(self):
+                super().__init__()
+                self._grad = onnxblock.blocks.InputLike(ACTIVATION)
+                self._mul = onnxblock.blocks.Mul()
+                self._sum = onnxblock.blocks.ReduceSum(keepdims=False)
+
+            def build(self, activation_name: str):
+                return self._sum(self._mul(activation_name, self._grad(GRAD_INPUT)))
+
+        return Loss()
+
+
+def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool) -> onnx.ModelProto:
+    state = {k: v.clone() for k, v in part.state_dict().items()}
+    buf = io.BytesIO()
+    part.train(training)
+    try:
+        with warnings.catch_warnings():
+            # "Removing mutation from node aten::add_ on block input: 'bn1.num_batches_tracked'":
+            # expected, ORT does not track that counter
+            warnings.filterwarnings("ignore", message=".*num_batches_tracked.*")
+            torch.onnx.export(
+                part,
+                (sample,),
+                buf,
+                input_names=[INPUT],
+                output_names=[ACTIVATION],
+                dynamic_axes={INPUT: {0: "batch"}, ACTIVATION: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=False,
+                training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
+                export_params=True,
+                dynamo=False,
+            )
+    finally:
+        part.load_state_dict(state)  # the exporter ran a train-mode forward: undo its BN updates
+    proto = onnx.load_from_string(buf.getvalue())
+    # ...and the initializers it captured may carry those updates too: write the snapshot back
+    for init in proto.graph.initializer:
+        if init.name in state:
+            init.CopyFrom(onnx.numpy_helper.from_array(state[init.name].numpy(), init.name))
+    return proto
+
+
+def _patch_eval_model(path: Path) -> None:
+    """Turns the generated eval model into the train-mode forward that leaves BN statistics alone."""
+    m = onnx.load(str(path))
+    g = m.graph
+    for node in g.node:
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: a for a in node.attribute}
+            for name, val in (("training_mode", 1), ("momentum", 1.0)):
+                if name in attrs:
+                    node.attribute.remove(attrs[name])
+                node.attribute.append(onnx.helper.make_attribute(name, val))
+    # drop the loss: keep only what `activation` needs, and the grad_activation input
+    keep = {ACTIVATION}
+    nodes = []
+    for node in reversed(list(g.node)):
+        if any(o in keep for o in node.output):
+            nodes.append(node)
+            keep.update(i for i in node.input if i)
+    nodes.reverse()
+    del g.node[:]
+    g.node.extend(nodes)
+    outs = [o for o in g.output if o.name == ACTIVATION]
+    del g.output[:]
+    g.output.extend(outs)
+    ins = [i for i in g.input if i.name != GRAD_INPUT]
+    del g.input[:]
+    g.input.extend(ins)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Redirects file descriptor 2 (native code's stderr) to a temporary file.
+
+    What was captured is replayed if the block raises, so nothing useful is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as cap:
+        os.dup2(cap.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            cap.seek(0)
+            sys.stderr.write(cap.read().decode(errors="replace")[-20000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    import splitedge
+
+    return {
+        "splitedge": splitedge.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def prepare(req: ExportRequest) -> tuple[nn.Module, int, list[split.CutInfo], list[str]]:
+    """Validates a request and builds the model; raises ExportError before anything is written."""
+    try:
+        zoo.spec(req.model)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if req.optimizer not in ("sgd", "adamw"):
+        raise ExportError(f"unknown optimizer {req.optimizer!r}; choose sgd or adamw")
+    if not (req.lr > 0 and np.isfinite(req.lr)):
+        raise ExportError(f"--lr must be a positive number, got {req.lr}")
+    if req.weight_decay < 0:
+        raise ExportError(f"--weight-decay must be >= 0, got {req.weight_decay}")
+    torch.manual_seed(req.seed)
+    model = zoo.build(req.model, req.num_classes, req.input_shape[0])
+    notes: list[str] = []
+    if req.weights:
+        try:
+            notes = zoo.load_weights(model, req.model, load_state_file(req.weights))
+        except ValueError as e:
+            raise ExportError(f"--weights {req.weights}: {e}") from None
+    units = zoo.cut_units(req.model, model)
+    try:
+        n_edge = split.resolve_cut(units, req.cut)
+        infos = split.trace_cuts(req.model, model, req.input_shape)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return model, n_edge, infos, notes
+
+
+def default_out(model: str, n_edge: int) -> str:
+    return os.path.join("artifacts", f"{model}-cut{n_edge}")
+
+
+def export(req: ExportRequest, log: Callable[[str], None] = lambda s: None) -> tuple[Path, mf.Manifest]:
+    """Exports and returns (artifact directory, manifest). Atomic: all or nothing."""
+    model, n_edge, infos, notes = prepare(req)
+    for n in notes:
+        log(f"weights: {n}")
+    out = Path(req.out or default_out(req.model, n_edge))
+    _check_out(out, req.force)
+    cut = infos[n_edge - 1]
+    client, server = split.split(req.model, model, n_edge)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        trainable, frozen = _write_artifacts(tmp, req, client, server, log)
+        m = mf.Manifest(
+            model=req.model,
+            cut=n_edge,
+            cut_name=cut.name,
+            input_shape=tuple(req.input_shape),
+            activation_shape=cut.activation_shape,
+            num_classes=req.num_classes,
+            optimizer=mf.Optimizer(req.optimizer, float(req.lr), float(req.weight_decay)),
+            opset=OPSET,
+            trainable_params=tuple(trainable),
+            frozen_params=tuple(frozen),
+            versions=_versions(),
+            files={rel: mf.sha256_file(tmp / rel) for rel in (*mf.CLIENT_FILES, mf.SERVER_WEIGHTS)},
+            seed=req.seed,
+            weights=os.path.abspath(req.weights) if req.weights else None,
+            extra={"edge_params": cut.edge_params, "weight_notes": notes},
+        )
+        (tmp / mf.MANIFEST_NAME).write_text(m.to_json())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, m
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_artifacts(
+    tmp: Path, req: ExportRequest, client: nn.Module, server: nn.Module, log: Callable[[str], None]
+) -> tuple[list[str], list[str]]:
+    """Writes client/ and server/ into ``tmp``; returns (trainable, frozen) parameter names."""
+    import onnxruntime
+    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import onnxblock
+    from safetensors.torch import save_file
+
+    onnxruntime.set_default_logger_severity(3)
+
+    (tmp / "client").mkdir()
+    (tmp / "server").mkdir()
+    sample = torch.randn(2, *req.input_shape)
+
+    log("exporting the client part to ONNX (training form)")
+    train_proto = _torch_export(client, sample, training=True)
+    log("exporting the client part to ONNX (inference form)")
+    infer_proto = _torch_export(client, sample, training=False)
+    onnx.checker.check_model(infer_proto)
+    onnx.save(infer_proto, str(tmp / "client" / "inference_model.onnx"))
+
+    init_names = {i.name for i in train_proto.graph.initializer}
+    named = dict(client.named_parameters())
+    buffers = {k for k, _ in client.named_buffers() if not k.endswith("num_batches_tracked")}
+    trainable = [k for k in named if k in init_names]
+    frozen = [k for k in buffers if k in init_names]
+    missing = (set(named) | buffers) - init_names
+    if missing:
+        raise RuntimeError(f"ONNX export renamed or dropped parameters: {sorted(missing)[:5]}")
+    if not trainable:
+        raise ExportError("the client part has no trainable parameters at this cut; choose a later --cut")
+
+    log("generating ORT training artifacts (gradient graph, optimizer, checkpoint)")
+    if req.optimizer == "sgd":
+        opt_block = onnxblock.optim.SGD()
+    else:
+        opt_block = onnxblock.optim.AdamW(weight_decay=req.weight_decay)
+    with _native_stderr_captured():  # ORT's gradient builder logs every graph pass at INFO level
+        ort_artifacts.generate_artifacts(
+            train_proto,
+            requires_grad=trainable,
+            frozen_params=frozen,
+            loss=_InjectedGradLoss(),
+            optimizer=opt_block,
+            artifact_directory=str(tmp / "client"),
+            additional_output_names=[ACTIVATION],
+        )
+    _patch_eval_model(tmp / "client" / "eval_model.onnx")
+    for name in ("training_model.onnx", "optimizer_model.onnx", "inference_model.onnx"):
+        onnx.checker.check_model(str(tmp / "client" / name))
+
+    log("saving the server part's weights")
+    sd = {k: v.detach().contiguous().clone() for k, v in server.state_dict().items()}
+    save_file(sd, str(tmp / mf.SERVER_WEIGHTS), metadata={"model": req.model, "cut": str(req.cut)})
+    return trainable, frozen

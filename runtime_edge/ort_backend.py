@@ -1,0 +1,198 @@
+"""The client sub-model on ONNX Runtime: the one place the edge imports onnxruntime.
+
+(The ``onnxruntime-training`` wheels import torch when ``onnxruntime`` is imported;
+keeping every onnxruntime import in this module keeps that cost out of the codecs,
+the wire protocol and the data loaders, which stay numpy/pyzmq only.)
+
+One split-learning step on the edge, as :class:`EdgeModel` runs it::
+
+    a = model.forward(x)            # eval_model.onnx: train-mode forward, BN stats untouched
+    ... send a, receive g = dL/da ...
+    model.train_step(x, g)          # training_model.onnx: loss = sum(a * g); backward; SGD/AdamW step
+
+The two forward passes compute bit-identical activations (checked by the tests):
+ORT's training API cannot start backward from an external gradient, so the
+activation must exist before the server's gradient does.
+
+BatchNorm running statistics move once per :meth:`EdgeModel.train_step`, with
+ONNX semantics: ``running = momentum * running + (1 - momentum) * batch`` with
+``momentum = 0.9`` (torch's 0.1) and the *biased* batch variance (torch's
+running_var uses the unbiased one, a factor n/(n-1) on the update).
+:meth:`EdgeModel.infer` evaluates with the running statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import onnxruntime as ort
+from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+from ..export import manifest as mf
+
+log = logging.getLogger(__name__)
+
+ort.set_default_logger_severity(3)  # ORT's INFO/WARNING graph-transformer chatter is not for users
+
+INPUT = "input"
+GRAD_INPUT = "grad_activation"
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
+class EdgeModel:
+    """Loads ``DIR/client`` and trains it with an injected activation gradient."""
+
+    def __init__(
+        self,
+        artifacts: str | os.PathLike[str],
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        lr: float | None = None,
+        inference_providers: Sequence[str] | None = None,
+        inference_provider_options: Sequence[dict] | None = None,
+        verify: bool = True,
+    ) -> None:
+        self.dir = Path(artifacts)
+        self.manifest = mf.load(self.dir, verify=verify)
+        client = self.dir / "client"
+        self.state = CheckpointState.load_checkpoint(str(checkpoint or client / "checkpoint"))
+        self._options = _session_options(threads)
+        self.module = Module(
+            str(client / "training_model.onnx"),
+            self.state,
+            str(client / "eval_model.onnx"),
+            device=device,
+            session_options=self._options,
+        )
+        self.optimizer = Optimizer(str(client / "optimizer_model.onnx"), self.module)
+        self.optimizer.set_learning_rate(float(lr if lr is not None else self.manifest.optimizer.lr))
+        self.param_names = tuple(self.manifest.trainable_params) + tuple(self.manifest.frozen_params)
+        self._inference_model = client / "inference_model.onnx"
+        self._inference_providers = list(inference_providers or ["CPUExecutionProvider"])
+        self._inference_provider_options = list(inference_provider_options or [{} for _ in self._inference_providers])
+        self._infer_session: ort.InferenceSession | None = None
+        self._infer_version = -1
+        self._version = 0  # bumped whenever parameters change
+        self.input_shape = tuple(self.manifest.input_shape)
+        self.activation_shape = tuple(self.manifest.activation_shape)
+
+    # ---------------------------------------------------------------- steps
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"input shape {tuple(x.shape)} does not match the exported (N, {', '.join(map(str, self.input_shape))})"
+            )
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The train-mode forward (batch statistics); does not change any state."""
+        x = self._check_input(x)
+        self.module.eval()
+        return self.module(x)
+
+    def train_step(self, x: np.ndarray, grad: np.ndarray, *, step_optimizer: bool = True) -> np.ndarray:
+        """Backward from ``grad`` = dL/d(activation), then one optimizer step. Returns the activation."""
+        x = self._check_input(x)
+        grad = np.ascontiguousarray(grad, dtype=np.float32)
+        expect = (x.shape[0], *self.activation_shape)
+        if grad.shape != expect:
+            raise ValueError(f"gradient shape {grad.shape} does not match the activation shape {expect}")
+        self.module.train()
+        _, act = self.module(x, grad)
+        if step_optimizer:
+            self.optimizer.step()
+            self.module.lazy_reset_grad()
+        self._version += 1
+        return act
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Evaluation forward with BatchNorm on running statistics and the current weights."""
+        x = self._check_input(x)
+        return self._inference_session().run(None, {INPUT: x})[0]
+
+    def _inference_session(self) -> ort.InferenceSession:
+        if self._infer_session is None or self._infer_version != self._version:
+            so = _session_options(self._options.intra_op_num_threads or None)
+            # keep the arrays and OrtValues alive as long as the session: ORT does not copy them
+            self._infer_arrays = {k: np.ascontiguousarray(v) for k, v in self.get_parameters().items()}
+            self._infer_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._infer_arrays.items()}
+            for k, v in self._infer_values.items():
+                so.add_initializer(k, v)
+            self._infer_session = ort.InferenceSession(
+                str(self._inference_model),
+                sess_options=so,
+                providers=self._inference_providers,
+                provider_options=self._inference_provider_options,
+            )
+            self._infer_version = self._version
+        return self._infer_session
+
+    @property
+    def inference_providers_in_use(self) -> list[str]:
+        return self._inference_session().get_providers()
+
+    # ---------------------------------------------------------------- weights
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.get_learning_rate())
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.set_learning_rate(float(value))
+
+    def get_parameters(self, trainable_only: bool = False) -> dict[str, np.ndarray]:
+        names = self.manifest.trainable_params if trainable_only else self.param_names
+        return {n: np.array(self.state.parameters[n].data, copy=True) for n in names}
+
+    def set_parameters(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrites parameters (e.g. after FedAvg). Unknown names or shapes raise ValueError."""
+        current = {n: self.state.parameters[n].data for n in self.param_names}
+        for n, v in values.items():
+            if n not in current:
+                raise ValueError(f"unknown parameter {n!r}")
+            if tuple(np.shape(v)) != current[n].shape:
+                raise ValueError(f"parameter {n}: shape {np.shape(v)} does not match {current[n].shape}")
+        for n, v in values.items():
+            arr = np.ascontiguousarray(v, dtype=np.float32)
+            self.state.parameters[n] = arr
+        self._version += 1
+
+    def save_checkpoint(self, path: str | os.PathLike[str], include_optimizer_state: bool = True) -> None:
+        """Writes an ORT checkpoint atomically (write to a temporary file, fsync, rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=include_optimizer_state)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
