@@ -149,8 +149,17 @@ def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool) -> onnx
     finally:
         part.load_state_dict(state)  # the exporter ran a train-mode forward: undo its BN updates
     proto = onnx.load_from_string(buf.getvalue())
-    # ...and the initializers it captured may carry those updates too: write the snapshot back
-    for init in proto.graph.initializer:
+    g = proto.graph
+    # The exporter deduplicates equal initializers (a fresh BatchNorm's running_var equals its
+    # weight) into `Identity(other)` nodes: undo that, so every parameter is an initializer under
+    # its own name and can be replaced by name (the edge swaps in current weights for inference).
+    init_names = {i.name for i in g.initializer}
+    aliases = [n for n in g.node if n.op_type == "Identity" and n.output[0] in state and n.input[0] in init_names]
+    for n in aliases:
+        g.node.remove(n)
+        g.initializer.append(onnx.TensorProto(name=n.output[0]))
+    # ...and the initializers it captured may carry the forward's BN updates: write the snapshot back
+    for init in g.initializer:
         if init.name in state:
             init.CopyFrom(onnx.numpy_helper.from_array(state[init.name].numpy(), init.name))
     return proto
@@ -207,6 +216,54 @@ def _native_stderr_captured():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+_SCHEMAS_REGISTERED = False
+
+
+def register_ort_training_schemas() -> None:
+    """Teaches the onnx checker the gradient ops ORT puts in the *default* ONNX domain.
+
+    ORT's gradient builder emits ``MaxPoolGrad`` in the default domain (its other
+    gradient ops live in ``com.microsoft``, which the checker does not know and
+    skips). The schema registered here is the one ORT defines in
+    ``orttraining/core/graph/training_op_defs.cc`` (since version 9: inputs dY:T,
+    Indices:int64, output dX:T, MaxPool's attributes), so the checker validates
+    the training graph like any other instead of rejecting it.
+    """
+    global _SCHEMAS_REGISTERED
+    if _SCHEMAS_REGISTERED:
+        return
+    from onnx import defs
+
+    try:
+        defs.get_schema("MaxPoolGrad", OPSET, "")
+    except defs.SchemaError:
+        P = defs.OpSchema.FormalParameter
+        A = defs.OpSchema.Attribute
+        T = defs.OpSchema.AttrType
+        attrs = [
+            A("auto_pad", T.STRING, "", required=False),
+            A("ceil_mode", T.INT, "", required=False),
+            A("dilations", T.INTS, "", required=False),
+            A("kernel_shape", T.INTS, "", required=False),
+            A("pads", T.INTS, "", required=False),
+            A("storage_order", T.INT, "", required=False),
+            A("strides", T.INTS, "", required=False),
+        ]
+        defs.register_schema(
+            defs.OpSchema(
+                "MaxPoolGrad", "", 9, "ORT training: gradient of MaxPool",
+                inputs=[P("dY", "T", "gradient of Y"), P("Indices", "I", "indices from MaxPool")],
+                outputs=[P("dX", "T", "gradient of X")],
+                type_constraints=[
+                    ("T", ["tensor(float16)", "tensor(float)", "tensor(double)"], ""),
+                    ("I", ["tensor(int64)"], ""),
+                ],
+                attributes=attrs,
+            )
+        )
+    _SCHEMAS_REGISTERED = True
 
 
 def _versions() -> dict[str, str]:
@@ -366,6 +423,7 @@ def _write_artifacts(
             additional_output_names=[ACTIVATION],
         )
     _patch_eval_model(tmp / "client" / "eval_model.onnx")
+    register_ort_training_schemas()
     for name in ("training_model.onnx", "optimizer_model.onnx", "inference_model.onnx"):
         onnx.checker.check_model(str(tmp / "client" / name))
 
