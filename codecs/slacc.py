@@ -1,0 +1,328 @@
+"""``slacc``: SL-ACC (sl-acc.txt) = ACII (entropy-based channel importance) + CGC (grouped bit widths).
+
+Equations implemented (the extracted paper lost them; restated from shared/notes/codecs.md).
+Channel i of X (N, C, S...) has M = N*S values x_i1..x_iM.
+
+ACII, at training round t:
+
+    z_ij   = (x_ij - min_j x_ij) / (max_j x_ij - min_j x_ij)             normalize to [0, 1]
+    p_ij   = exp(z_ij) / sum_l exp(z_il)                                   softmax over the channel
+    H_i(t) = - sum_j p_ij log p_ij                                                         (Eq. 1)
+           = log S_i - (sum_j z_ij e^{z_ij}) / S_i,   S_i = sum_j e^{z_ij}   (identity used here)
+    Hbar_i(t) = mean of H_i over the past rounds (the last ``window`` ones; 0 = all)
+    E_i(t) = a_t H_i(t) + (1 - a_t) Hbar_i(t)                                              (Eq. 2)
+    a_t    = 1 - t / T                                                                     (Eq. 3)
+
+CGC:
+
+    {P_g} = argmin sum_g sum_{i in P_g} (E_i - mu_g)^2     1-D K-means of the E_i, G groups (Eq. 4)
+    Ebar_g = (1/|P_g|) sum_{i in P_g} E_i                                                  (Eq. 5)
+    b_g = b_min + round((Ebar_g - min_g Ebar_g) / (max_g Ebar_g - min_g Ebar_g) (b_max - b_min))
+          (all groups b_max if every Ebar_g is equal)                                      (Eq. 6)
+    q = round((x - x_min,g) / (x_max,g - x_min,g) (2^b_g - 1)),                            (Eq. 7)
+    x_hat = x_min,g + q (x_max,g - x_min,g) / (2^b_g - 1)
+    with round() = round half away from zero everywhere (Eq. 6 and Eq. 7).
+
+Interpretations (where the paper is silent or ambiguous):
+
+* Entropies are computed with the identity above (softmax of values in [0,1] is nearly
+  uniform, H sits within ~0.03 nats of log M): exponentials in float32, sums reduced to
+  float64.  A constant channel (max == min) has z = 0, a uniform softmax and the
+  largest possible entropy log M -- faithful to Eq. 1.
+* "Round" = one training encode of this stream (one batch exchange).  The history
+  holds one entry per training encode; ``Hbar`` averages the entries *before* the
+  current one; at the first encode ``Hbar = H``.  If the channel count changes the
+  history restarts.  ``training=False`` (evaluation) reads the state, never changes it.
+* Schedule: ``schedule="linear"`` uses a_t = clip(1 - t/T, 0, 1) with t = ``round``
+  (else an internal counter of training encodes, starting at 0) and T = ``total_rounds``
+  (from the call, else the ``total_rounds`` parameter).  With no T known a_t = 1
+  (instantaneous entropy only).  ``schedule="constant"`` uses a_t = ``alpha``.
+* Eq. 4 is solved by Lloyd's algorithm in 1-D from quantile seeds (deterministic);
+  empty groups are dropped, so a payload may carry fewer than ``groups`` groups;
+  groups are numbered by increasing mean entropy.
+* ``bits`` (what every quantizing codec takes) is a shorthand for the ceiling: it sets
+  ``max_bits = bits`` and lowers ``min_bits`` to ``bits`` if needed.  Default 2..8 as in
+  the paper's experiments.  ``groups`` defaults to 4 (not stated in the paper).
+* The quantization range of a group is the min and max over all its channels; the
+  bounds are exact (no clipping), so |x - x_hat| <= (x_max,g - x_min,g) / (2 (2^b_g - 1)).
+* The same codec compresses the gradients on the way back (its own object and state).
+
+Payload (codec version 1), after the common header:
+
+    params   u8 G (groups present), u8 b_min, u8 b_max                  (P = 3)
+    sec 0    u8[C]         group of every channel
+    sec 1    u8[G]         bit width b_g
+    sec 2    f32[G, 2]     (x_min,g, x_max,g)
+    sec 3    packed codes: group by group (increasing g), each the values x[:, channels
+             of g (increasing index), :] in C order, b_g bits each, ceil(N*C_g*S*b_g/8) bytes
+
+    bytes = 36 + 3 + 4*4 + C + 9 G + sum_g ceil(N * C_g * S * b_g / 8)
+
+meta from decode_with_meta: ``groups`` (C,) int64, ``bits`` (G,) int64, ``group_min`` and
+``group_max`` (G,) float32, ``bits_per_channel`` (C,) int64.  backward: identity (STE).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from . import _linear, bitpack
+from . import format as fmt
+from .base import Codec, Param, as3, check_finite, expect_sections, f32, prod, read_struct
+
+_CHUNK = 1 << 18  # floats per entropy block
+
+
+def round_half_away(v):
+    """round() of the paper: nearest integer, halves away from zero."""
+    v = np.asarray(v, np.float64)
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def channel_minmax(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mn = x3.min(axis=(0, 2))
+    mx = x3.max(axis=(0, 2))
+    check_finite(mn, mx)
+    return mn, mx
+
+
+def channel_entropy(x3: np.ndarray, mn: np.ndarray | None = None, mx: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 1 per channel of x3 (N, C, S), float64 (C,): H = log S - sum(z e^z) / S."""
+    n, c, s = x3.shape
+    if mn is None or mx is None:
+        mn, mx = channel_minmax(x3)
+    r = mx.astype(np.float64) - mn.astype(np.float64)
+    inv = np.where(r > 0, 1.0 / np.where(r > 0, r, 1.0), 0.0).astype(np.float32)[None, :, None]
+    lo = mn.astype(np.float32)[None, :, None]
+    S = np.zeros(c, np.float64)
+    T = np.zeros(c, np.float64)
+    step = max(1, _CHUNK // max(1, c * s))
+    buf = np.empty((min(n, step), c, s), np.float32)
+    e = np.empty_like(buf)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        z = buf[: b - a]
+        ee = e[: b - a]
+        np.subtract(x3[a:b], lo, out=z)
+        np.multiply(z, inv, out=z)
+        np.exp(z, out=ee)
+        S += ee.sum(axis=2).sum(axis=0, dtype=np.float64)
+        np.multiply(z, ee, out=z)
+        T += z.sum(axis=2).sum(axis=0, dtype=np.float64)
+    return np.log(S) - T / S
+
+
+def kmeans_1d(values: np.ndarray, groups: int, max_iter: int = 100) -> np.ndarray:
+    """Eq. 4 on scalars: group index per value (0..G'-1, ordered by increasing group mean)."""
+    v = np.asarray(values, np.float64)
+    c = v.size
+    vs = np.sort(v)
+    distinct = np.unique(vs).size
+    g = max(1, min(int(groups), distinct))
+    cent = vs[np.minimum(c - 1, ((np.arange(g) + 0.5) * c / g).astype(np.int64))]
+    cent = np.unique(cent)
+    lab = np.argmin(np.abs(v[:, None] - cent[None, :]), axis=1)
+    for _ in range(max_iter):
+        cnt = np.bincount(lab, minlength=cent.size)
+        sums = np.bincount(lab, weights=v, minlength=cent.size)
+        keep = cnt > 0
+        cent = sums[keep] / cnt[keep]
+        new = np.argmin(np.abs(v[:, None] - cent[None, :]), axis=1)
+        if np.array_equal(new, lab) and keep.all():
+            break
+        lab = new
+    # renumber by increasing centroid, dropping empty groups
+    used = np.unique(lab)
+    order = used[np.argsort(cent[used], kind="stable")]
+    remap = np.empty(cent.size, np.int64)
+    remap[order] = np.arange(order.size)
+    return remap[lab]
+
+
+def allocate_bits(E: np.ndarray, groups: int, b_min: int, b_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eq. 4-6: (group of each channel, group mean entropies Ebar_g, bit width b_g)."""
+    lab = kmeans_1d(E, groups)
+    g = int(lab.max()) + 1
+    cnt = np.bincount(lab, minlength=g)
+    ebar = np.bincount(lab, weights=np.asarray(E, np.float64), minlength=g) / cnt
+    lo, hi = ebar.min(), ebar.max()
+    if hi > lo:
+        bits = b_min + round_half_away((ebar - lo) / (hi - lo) * (b_max - b_min))
+    else:
+        bits = np.full(g, b_max, np.float64)
+    return lab, ebar, bits.astype(np.int64)
+
+
+class SLACC(Codec):
+    name = "slacc"
+    PARAMS = {
+        "groups": Param(4, int, 1, 255, doc="G, channel groups (Eq. 4)"),
+        "min_bits": Param(2, int, 1, 8, doc="b_min of Eq. 6"),
+        "max_bits": Param(8, int, 1, 8, doc="b_max of Eq. 6"),
+        "bits": Param(None, int, 1, 8, optional=True, doc="shorthand: sets max_bits (and caps min_bits)"),
+        "schedule": Param("linear", str, choices=("linear", "constant"), doc="a_t of Eq. 3"),
+        "alpha": Param(1.0, float, 0.0, 1.0, doc="a_t when schedule='constant'"),
+        "total_rounds": Param(None, int, 1, None, optional=True, doc="T of Eq. 3 when encode() is not given it"),
+        "window": Param(0, int, 0, None, doc="rounds averaged into Hbar (0 = all past rounds)"),
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        b = self._p["bits"]
+        if b is not None:
+            if "max_bits" in params and params["max_bits"] != b:
+                raise ValueError(
+                    f"codec 'slacc': bits={b} sets max_bits, which was given as {params['max_bits']!r}; give one of them"
+                )
+            self._p["max_bits"] = b
+            self._p["min_bits"] = min(self._p["min_bits"], b)
+        if self._p["min_bits"] > self._p["max_bits"]:
+            raise ValueError(
+                f"codec 'slacc': min_bits ({self._p['min_bits']}) must be <= max_bits ({self._p['max_bits']})"
+            )
+        self._hist: deque | None = None
+        self._hist_sum: np.ndarray | None = None
+        self._hist_n = 0
+        self._count = 0
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ state
+
+    def reset(self) -> None:
+        self._hist = None
+        self._hist_sum = None
+        self._hist_n = 0
+        self._count = 0
+
+    def _a_t(self, round, total_rounds) -> float:  # noqa: A002
+        if self._p["schedule"] == "constant":
+            return float(self._p["alpha"])
+        t = self._count if round is None else int(round)
+        T = total_rounds if total_rounds is not None else self._p["total_rounds"]
+        if T is None:
+            return 1.0
+        return float(min(1.0, max(0.0, 1.0 - t / T)))
+
+    def _historical(self, H: np.ndarray) -> np.ndarray:
+        if self._hist_sum is None or self._hist_sum.size != H.size or self._hist_n == 0:
+            return H
+        return self._hist_sum / self._hist_n
+
+    def _remember(self, H: np.ndarray) -> None:
+        w = self._p["window"]
+        if self._hist_sum is None or self._hist_sum.size != H.size:
+            self._hist = deque()
+            self._hist_sum = np.zeros_like(H)
+            self._hist_n = 0
+        self._hist.append(H)
+        self._hist_sum += H
+        self._hist_n += 1
+        if w and self._hist_n > w:
+            old = self._hist.popleft()
+            self._hist_sum -= old
+            self._hist_n -= 1
+        if not w:
+            self._hist.clear()  # the running sum is all that is needed
+
+    def channel_importance(self, x3: np.ndarray, mn, mx, round=None, total_rounds=None) -> np.ndarray:  # noqa: A002
+        H = channel_entropy(x3, mn, mx)
+        Hbar = self._historical(H)
+        a = self._a_t(round, total_rounds)
+        E = a * H + (1.0 - a) * Hbar
+        self.last_stats = {"H": H, "Hbar": Hbar, "a_t": a, "E": E}
+        return E
+
+    # ------------------------------------------------------------------ encode
+
+    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+        x3 = as3(x)
+        n, c, s = x3.shape
+        mn, mx = channel_minmax(x3)
+        E = self.channel_importance(x3, mn, mx, round, total_rounds)
+        if training:
+            self._remember(self.last_stats["H"])
+            self._count += 1
+        bmin, bmax = self._p["min_bits"], self._p["max_bits"]
+        lab, ebar, bits = allocate_bits(E, self._p["groups"], bmin, bmax)
+        g = bits.size
+        self.last_stats.update(groups=lab, ebar=ebar, bits=bits)
+        glo = np.full(g, np.inf, np.float32)
+        ghi = np.full(g, -np.inf, np.float32)
+        np.minimum.at(glo, lab, mn)
+        np.maximum.at(ghi, lab, mx)
+        scale = np.array([_linear.scale_of(glo[i], ghi[i], int(bits[i])) for i in range(g)], np.float32)
+        codes = np.empty(x3.shape, np.uint8)
+        _linear.codes_into(x3, glo[lab][None, :, None], scale[lab][None, :, None], codes)
+        streams = []
+        for i in range(g):
+            ch = np.flatnonzero(lab == i)
+            sub = codes[:, ch, :] if ch.size < c else codes
+            streams.append(bitpack.pack(sub, int(bits[i]), check=False))
+        table = np.stack([glo, ghi], axis=1).astype("<f4")
+        params = bytes([g, bmin, bmax])
+        return params, [lab.astype(np.uint8), bits.astype(np.uint8), table, np.concatenate(streams)]
+
+    # ------------------------------------------------------------------ decode
+
+    @classmethod
+    def _decode(cls, h: fmt.Header):
+        g, bmin, bmax = read_struct(h, "BBB")
+        shape = h.shape
+        n, c = shape[0], shape[1]
+        s = prod(shape[2:])
+        if g < 1 or g > c:
+            raise fmt.PayloadError(f"slacc payload: {g} groups for {c} channels")
+        expect_sections(h, [c, g, 8 * g, None])
+        lab = np.frombuffer(h.sections[0], np.uint8).astype(np.int64)
+        if lab.max() >= g:
+            raise fmt.PayloadError(f"slacc payload: channel group {int(lab.max())} >= {g} groups")
+        cnt = np.bincount(lab, minlength=g)
+        if (cnt == 0).any():
+            raise fmt.PayloadError("slacc payload: a group has no channel")
+        bits = np.frombuffer(h.sections[1], np.uint8).astype(np.int64)
+        if bits.min() < 1 or bits.max() > 8:
+            raise fmt.PayloadError(f"slacc payload: bit widths {bits.tolist()} outside 1..8")
+        table = f32(h.sections[2], 2 * g, "slacc group ranges").reshape(g, 2)
+        if (table[:, 1] < table[:, 0]).any():
+            raise fmt.PayloadError("slacc payload: a group range has max < min")
+        sizes = [bitpack.packed_size(n * int(cnt[i]) * s, int(bits[i])) for i in range(g)]
+        if h.sections[3].nbytes != sum(sizes):
+            raise fmt.PayloadError(
+                f"slacc payload: code section has {h.sections[3].nbytes} bytes, expected {sum(sizes)}"
+            )
+        data = np.frombuffer(h.sections[3], np.uint8)
+        out = np.empty((n, c, s), np.float32)
+        off = 0
+        for i in range(g):
+            ch = np.flatnonzero(lab == i)
+            b = int(bits[i])
+            q = bitpack.unpack(data[off : off + sizes[i]], b, n * ch.size * s).reshape(n, ch.size, s)
+            off += sizes[i]
+            vals = np.empty(q.shape, np.float32)
+            _linear.dequantize_codes(q, table[i, 0], _linear.step_of(table[i, 0], table[i, 1], b), vals)
+            if ch.size == c:
+                out = vals
+            else:
+                out[:, ch, :] = vals
+        meta = {
+            "groups": lab,
+            "bits": bits,
+            "group_min": table[:, 0].copy(),
+            "group_max": table[:, 1].copy(),
+            "bits_per_channel": bits[lab],
+        }
+        return out.reshape(shape), meta
+
+    def error_bound(self, x, meta=None):
+        if meta is None:
+            return None
+        x3 = as3(np.ascontiguousarray(x, np.float32))
+        mn, mx = x3.min(axis=(0, 2)), x3.max(axis=(0, 2))
+        lab, bits = meta["groups"], meta["bits"]
+        bound = 0.0
+        for i in range(bits.size):
+            ch = lab == i
+            bound = max(bound, _linear.error_bound(mn[ch].min(), mx[ch].max(), int(bits[i])))
+        return bound

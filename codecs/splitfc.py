@@ -1,0 +1,176 @@
+"""``splitfc``: SplitFC (Oh et al., IEEE TNNLS 2025; [26] in sl-acc.txt): std-based channel dropout + quantization.
+
+The paper's full formulas were not available; this is the project's interpretation of
+"adaptive feature-wise dropout, then adaptive feature-wise quantization":
+
+    sigma_c  = standard deviation of channel c over its N*H*W values
+    p_c      = min(1, lambda sigma_c),  lambda such that sum_c p_c = R C   (water-filling;
+               channels with sigma = 0 get p = 0 unless R C exceeds the number of the
+               others, then they share the remainder equally; all sigma = 0 -> p_c = R)
+    keep_c   ~ Bernoulli(p_c) (the codec's seeded generator): high-variance channels are
+               kept, low-variance ones -- which carry little information -- dropped
+    kept c:  q = round((x - x_min,c) / (x_max,c - x_min,c) (2^n - 1)), per-channel min/max,
+             n bits (half away from zero), x_hat = x_min,c + q step_c
+    dropped: x_hat = 0 (``fill="zero"``), or the channel mean (``fill="mean"``, one float32
+             each; an option because a low-variance channel is close to its mean)
+
+``keep`` is R, the expected kept fraction of channels (default 0.5).  No 1/p rescaling of
+the kept channels (the dropout is a compressor, not a regulariser: rescaling would
+amplify the quantization error of rarely kept channels).  Evaluation
+(``training=False``): every channel is kept (deterministic; quantization only).
+
+backward: the gradient is dropped on the same channels: dL/dQ(X) times the kept mask.
+
+Payload (codec version 1):
+
+    params   u8 n, u8 fill (0 zero, 1 mean)                                (P = 2)
+    sec 0    packed     keep mask, 1 bit per channel, ceil(C / 8) bytes
+    sec 1    f32[K, 2]  (x_min,c, x_max,c) of the K kept channels, in channel order
+    sec 2    f32[C - K] fill values of the dropped channels (empty for fill = zero)
+    sec 3    packed     codes of x[:, kept, :] in C order, ceil(N K H W n / 8) bytes
+
+    bytes = 36 + 2 + 16 + ceil(C/8) + 8 K + 4 (C - K) [mean] + ceil(n N K H W / 8)
+
+meta from decode_with_meta: ``kept`` (C,) bool, ``bits``, ``fill``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _linear, bitpack
+from . import format as fmt
+from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
+
+FILLS = ("zero", "mean")
+
+
+def keep_probabilities(sigma: np.ndarray, rate: float) -> np.ndarray:
+    """p_c = min(1, lambda sigma_c) with sum p_c = rate * C (water-filling), see the module docstring."""
+    sigma = np.asarray(sigma, np.float64)
+    c = sigma.size
+    target = rate * c
+    nz = sigma > 0
+    p = np.zeros(c)
+    m = int(nz.sum())
+    if m == 0:
+        return np.full(c, float(rate))
+    if target >= m:
+        p[nz] = 1.0
+        if m < c:
+            p[~nz] = (target - m) / (c - m)
+        return np.minimum(p, 1.0)
+    s = np.sort(sigma[nz])[::-1]
+    suffix = np.cumsum(s[::-1])[::-1]  # sum of s[j:]
+    lam = None
+    for j in range(m):  # j channels saturated at p = 1
+        cand = (target - j) / suffix[j]
+        if cand * s[j] <= 1.0 + 1e-12 and (j == 0 or cand * s[j - 1] >= 1.0 - 1e-12):
+            lam = cand
+            break
+    if lam is None:  # numerical corner: fall back to the proportional rule
+        lam = target / suffix[0]
+    p[nz] = np.minimum(1.0, lam * sigma[nz])
+    return p
+
+
+class SplitFC(Codec):
+    name = "splitfc"
+    PARAMS = {
+        "bits": bits_param(4),
+        "keep": Param(0.5, float, 1e-6, 1.0, doc="R: expected fraction of channels kept"),
+        "fill": Param("zero", str, choices=FILLS, doc="what replaces a dropped channel"),
+        "seed": seed_param(),
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._rng = np.random.default_rng(self._p["seed"])
+        self.last_keep_prob: np.ndarray | None = None
+
+    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+        x3 = as3(x)
+        n, c, s = x3.shape
+        b = self._p["bits"]
+        mn, mx = x3.min(axis=(0, 2)), x3.max(axis=(0, 2))
+        check_finite(mn, mx)
+        if training:
+            sigma = x3.std(axis=(0, 2), dtype=np.float64)
+            p = keep_probabilities(sigma, self._p["keep"])
+            self.last_keep_prob = p
+            kept = self._rng.random(c) < p
+        else:
+            kept = np.ones(c, bool)
+        kidx = np.flatnonzero(kept)
+        sub = x3[:, kidx, :] if kidx.size < c else x3
+        lo, hi = mn[kidx], mx[kidx]
+        scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
+        codes = np.empty(sub.shape, np.uint8)
+        if sub.size:
+            _linear.codes_into(sub, lo[None, :, None], scale[None, :, None], codes)
+        fill = 1 if self._p["fill"] == "mean" else 0
+        fills = (
+            x3[:, ~kept, :].mean(axis=(0, 2), dtype=np.float64).astype("<f4") if fill else np.empty(0, "<f4")
+        )
+        sections = [
+            bitpack.pack(kept.astype(np.uint8), 1, check=False),
+            np.stack([lo, hi], axis=1).astype("<f4"),
+            fills,
+            bitpack.pack(codes, b, check=False),
+        ]
+        return bytes([b, fill]), sections
+
+    @classmethod
+    def _decode(cls, h: fmt.Header):
+        b, fill = read_struct(h, "BB")
+        if not 1 <= b <= 8:
+            raise fmt.PayloadError(f"splitfc payload: bit width {b} outside 1..8")
+        if fill not in (0, 1):
+            raise fmt.PayloadError(f"splitfc payload: unknown fill mode {fill}")
+        n, c = h.shape[0], h.shape[1]
+        s = prod(h.shape[2:])
+        expect_sections(h, [bitpack.packed_size(c, 1), None, None, None])
+        kept = bitpack.unpack(h.sections[0], 1, c).astype(bool)
+        k = int(kept.sum())
+        expect_sections(
+            h,
+            [
+                bitpack.packed_size(c, 1),
+                8 * k,
+                4 * (c - k) if fill else 0,
+                bitpack.packed_size(n * k * s, b),
+            ],
+        )
+        table = f32(h.sections[1], 2 * k, "splitfc ranges").reshape(k, 2)
+        if (table[:, 1] < table[:, 0]).any():
+            raise fmt.PayloadError("splitfc payload: a channel range has max < min")
+        out = np.zeros((n, c, s), np.float32)
+        if fill:
+            out[:, ~kept, :] = f32(h.sections[2], c - k, "splitfc fill values")[None, :, None]
+        if k:
+            q = bitpack.unpack(h.sections[3], b, n * k * s).reshape(n, k, s)
+            vals = np.empty(q.shape, np.float32)
+            steps = np.array([_linear.step_of(table[i, 0], table[i, 1], b) for i in range(k)], np.float32)
+            _linear.dequantize_codes(q, table[None, :, 0, None], steps[None, :, None], vals)
+            out[:, kept, :] = vals
+        return out.reshape(h.shape), {"kept": kept, "bits": b, "fill": FILLS[fill]}
+
+    def backward(self, grad, meta):
+        g = check_grad(grad, meta)
+        keep = np.asarray(meta["kept"], bool)
+        return np.where(keep.reshape((1, -1) + (1,) * (g.ndim - 2)), g, np.float32(0.0))
+
+    def error_bound(self, x, meta=None):
+        if meta is None:
+            return None
+        x3 = as3(np.ascontiguousarray(x, np.float32))
+        kept = meta["kept"]
+        bound = 0.0
+        for c in np.flatnonzero(kept):
+            bound = max(bound, _linear.error_bound(x3[:, c].min(), x3[:, c].max(), meta["bits"]))
+        drop = x3[:, ~kept, :]
+        if drop.size:
+            if meta["fill"] == "mean":
+                drop = drop - drop.mean(axis=(0, 2), keepdims=True, dtype=np.float64)
+            bound = max(bound, float(np.abs(drop).max()) * (1 + 1e-6) + 1e-6)
+        return bound
