@@ -8,7 +8,8 @@ Per sample (row of d = C*H*W features):
     p_i = alpha / (d - k)     otherwise
     draw k distinct indices with probabilities p (sampling without replacement, drawn
     as the k largest log p_i + Gumbel_i: the Efraimidis-Spirakis / Gumbel-top-k form of
-    successive draws, which is what torch.multinomial(replacement=False) samples)
+    successive draws, which is what torch.multinomial(replacement=False) samples;
+    computed in O(k) per sample from order statistics, see RandTopk._sample)
     send their values (float32) and indices; the rest is 0 on the cloud.
 
 Evaluation (``training=False``): plain top-k, deterministic.  Values are sent unscaled
@@ -61,19 +62,42 @@ class RandTopk(Codec):
         k = k_of(self._p["rate"], d)
         if k == d:
             return np.broadcast_to(np.arange(d), (n, d)).copy()
-        mag = np.abs(x2)
-        top = np.argpartition(-mag, k - 1, axis=1)[:, :k]
+        top = np.sort(np.argpartition(-np.abs(x2), k - 1, axis=1)[:, :k], axis=1)
         alpha = self._p["alpha"]
-        if training and alpha > 0.0:
-            u = self._rng.random((n, d), dtype=np.float32)
-            np.maximum(u, np.float32(1e-30), out=u)
-            keys = -np.log(-np.log(u))  # Gumbel(0, 1)
-            keys += np.float32(math.log(alpha / (d - k)))
-            rows = np.arange(n)[:, None]
-            lp_top = math.log((1.0 - alpha) / k) - math.log(alpha / (d - k))
-            keys[rows, top] += np.float32(lp_top)
-            top = np.argpartition(-keys, k - 1, axis=1)[:, :k]
-        return np.sort(top, axis=1)
+        if not training or alpha == 0.0:
+            return top
+        return np.sort(self._sample(top, d, k, alpha), axis=1)
+
+    def _sample(self, top: np.ndarray, d: int, k: int, alpha: float) -> np.ndarray:
+        """Gumbel-top-k over all d features in O(k) per sample.
+
+        Keys are log p_i + Gumbel_i.  The k top-|x| features each need their key.  Of the
+        m = d - k others, only their k largest keys can be among the overall k largest;
+        those are the top order statistics of m Gumbels, -log of the smallest m-sample
+        exponential order statistics (Renyi: X_(r) = sum_{i<=r} E_i / (m - i + 1)), and
+        which of the m features carry them is a uniformly random subset.
+        """
+        n = top.shape[0]
+        m = d - k
+        rng = self._rng
+        u = rng.random((n, k))
+        key_t = math.log((1.0 - alpha) / k) - np.log(-np.log(np.maximum(u, 1e-300)))
+        kr = min(k, m)
+        e = rng.standard_exponential((n, kr))
+        key_r = math.log(alpha / m) - np.log(np.cumsum(e / (m - np.arange(kr)), axis=1))
+        keys = np.concatenate([key_t, key_r], axis=1)
+        win = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+        from_t = win < k
+        out = np.empty((n, k), np.int64)
+        shift = top - np.arange(k)  # complement rank r maps to index r + #{j: top_j - j <= r}
+        for i in range(n):
+            t_pos = win[i][from_t[i]]
+            nr = k - t_pos.size
+            out[i, : t_pos.size] = top[i, t_pos]
+            if nr:
+                r = rng.choice(m, size=nr, replace=False)
+                out[i, t_pos.size :] = r + np.searchsorted(shift[i], r, side="right")
+        return out
 
     def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
         n = x.shape[0]
