@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "splitedge.runtime_edge.cli:main",
     "flash": "splitedge.profiles.flash_cli:main",
     "bench": "splitedge.bench:bench",
+    "demo": "splitedge.demo:demo",
 }
 
 

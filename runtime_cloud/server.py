@@ -1,0 +1,516 @@
+"""``cloud-serve``'s engine: one ROUTER socket, one shared server model, many edge clients.
+
+Messages are handled one at a time in arrival order (the server model is shared,
+so its steps are sequential anyway). Anything wrong with one message -- a garbage
+frame, a payload that does not decode, a wrong shape, NaN, a step out of order --
+is answered with an ERROR message to that client, logged and counted in the
+metrics; the server keeps serving everyone else. See :mod:`splitedge.protocol`
+for the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .. import codecs as sc
+from .. import protocol as P
+from ..export import manifest as mf
+from ..fsutil import CheckpointDir, atomic_write_json
+from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
+from .trainer import ServerModel
+
+log = logging.getLogger("cloud-serve")
+
+
+@dataclass
+class ServeConfig:
+    artifacts: str
+    bind: str = "tcp://127.0.0.1:5555"
+    codec: str = "sgq"
+    codec_params: dict[str, Any] = field(default_factory=dict)
+    grad_codec: str | None = None  # None: the forward codec with the same settings
+    grad_codec_params: dict[str, Any] | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    device: str = "cpu"
+    fedavg_every: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    metrics: str | None = None
+    client_timeout_s: float = 60.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_client_errors: int = 20
+    expect_clients: int = 0
+    exit_when_done: bool = False
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class Session:
+    client_id: int
+    identity: bytes
+    fwd: Any  # the forward codec (cloud side: its backward rule)
+    grad: Any  # the gradient codec (one stream per client)
+    samples: int = 0
+    last_step: int = 0
+    steps: int = 0
+    cached: tuple[int, list[bytes]] | None = None  # (step, reply frames)
+    last_seen: float = field(default_factory=time.monotonic)
+    done: bool = False
+    timed_out: bool = False
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def active(self) -> bool:
+        return not self.done and not self.timed_out
+
+
+class Metrics:
+    """JSON lines; a write failure (e.g. a full disk) is reported once and never stops training."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._f = None
+        self._failed = False
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", buffering=1)
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._f is None or self._failed:
+            return
+        try:
+            self._f.write(json.dumps({"event": event, "t": round(time.time(), 4), **fields}, default=float) + "\n")
+        except OSError as e:
+            self._failed = True
+            log.error("metrics: cannot write %s (%s); metrics are off from here, training goes on", self.path, e)
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+
+
+class CloudServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.manifest = mf.load(cfg.artifacts)
+        # settings are validated once here, so a bad --codec fails at start, not at the first client
+        sc.get(cfg.codec, **cfg.codec_params)
+        sc.get(self.grad_codec_name, **self.grad_codec_params)
+        self.model = ServerModel(
+            cfg.artifacts, self.manifest, optimizer=cfg.optimizer, lr=cfg.lr,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=cfg.device,
+        )
+        self.client_param_shapes = _client_param_shapes(self.manifest)
+        self.sessions: dict[bytes, Session] = {}
+        self.by_client: dict[int, Session] = {}
+        self.progress: dict[int, dict[str, Any]] = {}  # client_id -> {last_step, done}; persisted
+        self.pending: dict[int, dict[int, tuple[dict[str, np.ndarray], int]]] = {}  # round -> client -> (weights, samples)
+        self.server_step = 0
+        self.session_id = uuid.uuid4().hex[:12]
+        self.metrics = Metrics(cfg.metrics)
+        self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
+        self._stop = False
+        self._last_ckpt_step = 0
+        self.errors_total = 0
+        if cfg.resume:
+            self._resume()
+        self.ctx = zmq.Context.instance()
+        self.ep = server_socket(self.ctx, cfg.bind, max_message_bytes=cfg.max_message_bytes)
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def grad_codec_name(self) -> str:
+        return self.cfg.grad_codec or self.cfg.codec
+
+    @property
+    def grad_codec_params(self) -> dict[str, Any]:
+        if self.cfg.grad_codec_params is not None:
+            return dict(self.cfg.grad_codec_params)
+        return dict(self.cfg.codec_params) if self.cfg.grad_codec in (None, self.cfg.codec) else {}
+
+    def codec_settings(self) -> dict[str, Any]:
+        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
+        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
+        return {"codec": {"name": fwd.name, "params": fwd.params}, "grad_codec": {"name": grad.name, "params": grad.params}}
+
+    # ------------------------------------------------------------------ main loop
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self.stop)
+            except ValueError:  # not the main thread (tests)
+                pass
+        s = self.codec_settings()
+        log.info(
+            "serving %s cut %d (activation %s) on %s; codec %s %s, gradients %s %s; server %s lr %g",
+            self.manifest.model, self.manifest.cut, "x".join(map(str, self.manifest.activation_shape)), self.cfg.bind,
+            s["codec"]["name"], s["codec"]["params"], s["grad_codec"]["name"], s["grad_codec"]["params"],
+            self.cfg.optimizer, self.cfg.lr,
+        )
+        self.metrics.write("start", session=self.session_id, bind=self.cfg.bind, **s,
+                           model=self.manifest.model, cut=self.manifest.cut, server_step=self.server_step)
+        rc = 0
+        try:
+            while not self._stop:
+                got = self.ep.recv(timeout_ms=100)
+                if got is not None:
+                    self._dispatch(*got)
+                self._housekeeping()
+        finally:
+            rc = self._shutdown()
+        return rc
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for s in list(self.by_client.values()):
+            if s.active and now - s.last_seen > self.cfg.client_timeout_s:
+                s.timed_out = True
+                log.warning("client %d silent for %.0fs: timed out (the others go on)", s.client_id, now - s.last_seen)
+                self.metrics.write("client_timeout", client=s.client_id, last_step=s.last_step)
+                self._complete_rounds()
+        if self.ckpt and self.server_step - self._last_ckpt_step >= self.cfg.checkpoint_every:
+            self._checkpoint()
+        if self.cfg.exit_when_done and self.cfg.expect_clients:
+            done = sum(1 for s in self.by_client.values() if s.done)
+            gone = sum(1 for s in self.by_client.values() if s.timed_out)
+            if done + gone >= self.cfg.expect_clients and not any(s.active for s in self.by_client.values()):
+                log.info("all %d expected clients finished (%d of them timed out)", done + gone, gone)
+                self._stop = True
+
+    def _shutdown(self) -> int:
+        rc = 0
+        if self.ckpt:
+            try:
+                self._checkpoint()
+            except OSError as e:
+                log.error("final checkpoint failed: %s (the previous one in %s is intact)", e, self.cfg.checkpoint_dir)
+                rc = 1
+        self.metrics.write("stop", server_step=self.server_step, errors=self.errors_total,
+                           bytes_in=self.ep.counters.bytes_in, bytes_out=self.ep.counters.bytes_out)
+        self.metrics.close()
+        self.ep.close(linger_ms=500)
+        log.info("stopped after %d server steps", self.server_step)
+        return rc
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, identity: bytes, frames: list[zmq.Frame]) -> None:
+        msg = None
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = time.monotonic()
+            if session.timed_out:
+                session.timed_out = False
+                log.info("client %d is back", session.client_id)
+        try:
+            msg = P.unpack(frames)
+            handler = self._handlers.get(msg.type)
+            if handler is None:
+                raise P.ProtocolError(f"{msg.type.name} is not a message the cloud accepts", P.ErrorCode.UNEXPECTED)
+            handler(self, identity, msg)
+        except P.ProtocolError as e:
+            self._reject(identity, e.code, str(e), msg)
+        except sc.PayloadError as e:
+            self._reject(identity, P.ErrorCode.BAD_PAYLOAD, f"payload does not decode: {e}", msg)
+        except Exception as e:  # noqa: BLE001 - one bad message must never stop the server
+            log.exception("internal error handling a message from %r", identity)
+            self._reject(identity, P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}", msg)
+
+    def _reject(self, identity: bytes, code: str, message: str, msg: P.Message | None, **extra: Any) -> None:
+        self.errors_total += 1
+        session = self.sessions.get(identity)
+        cid = session.client_id if session else None
+        step = msg.header.get("step") if msg is not None else None
+        log.warning("error to client %s: %s: %s", cid if cid is not None else repr(identity[:16]), code, message)
+        self.metrics.write("error", client=cid, code=code, message=message[:500], step=step)
+        re = msg.type.name if msg is not None else None  # which request this answers
+        self._send(identity, P.MsgType.ERROR, {"code": code, "message": message, "re": re, "step": step, **extra})
+        if session is not None and code not in (P.ErrorCode.STALE_STEP,):
+            session.errors += 1
+            if session.errors > self.cfg.max_client_errors:
+                log.warning("client %d sent %d bad messages: disconnected", session.client_id, session.errors)
+                self._send(identity, P.MsgType.ERROR, {"code": P.ErrorCode.TOO_MANY_ERRORS,
+                                                       "message": "too many bad messages; say HELLO again"})
+                self._forget(session)
+
+    def _send(self, identity: bytes, type_: P.MsgType, header: dict, frames: list | None = None) -> list:
+        out = P.pack(type_, header, frames)
+        n = self.ep.send(out, identity)
+        s = self.sessions.get(identity)
+        if s is not None:
+            s.bytes_out += n
+        return out
+
+    def _session(self, identity: bytes) -> Session:
+        s = self.sessions.get(identity)
+        if s is None:
+            raise P.ProtocolError("no HELLO from this connection (did the cloud restart?); say HELLO again",
+                                  P.ErrorCode.UNKNOWN_CLIENT)
+        return s
+
+    def _forget(self, s: Session) -> None:
+        self.sessions.pop(s.identity, None)
+        if self.by_client.get(s.client_id) is s:
+            del self.by_client[s.client_id]
+        self._complete_rounds()
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_hello(self, identity: bytes, msg: P.Message) -> None:
+        h = msg.header
+        m = self.manifest
+        mismatch = [
+            f"{k} {h[k]} != {v}" for k, v in (
+                ("model", m.model), ("cut", m.cut), ("activation_shape", list(m.activation_shape)),
+                ("input_shape", list(m.input_shape)), ("num_classes", m.num_classes),
+            ) if h[k] != v
+        ]
+        if mismatch:
+            raise P.ProtocolError("artifacts differ from the cloud's: " + "; ".join(mismatch), P.ErrorCode.INCOMPATIBLE)
+        cid = h["client_id"]
+        if cid < 0:
+            raise P.ProtocolError(f"client_id must be >= 0, got {cid}")
+        old = self.by_client.get(cid)
+        if old is not None and old.identity != identity:
+            self.sessions.pop(old.identity, None)
+        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
+        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
+        s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]))
+        prev = self.progress.get(cid, {})
+        s.last_step = int(prev.get("last_step", old.last_step if old else 0))
+        s.bytes_in = msg.nbytes
+        self.sessions[identity] = s
+        self.by_client[cid] = s
+        self.progress[cid] = {"last_step": s.last_step, "done": False}
+        log.info("client %d joined (%d samples, its step %d, applied here %d)", cid, s.samples, h["resume_step"], s.last_step)
+        self.metrics.write("client_joined", client=cid, samples=s.samples, last_step=s.last_step,
+                           resume_step=h["resume_step"])
+        self._send(identity, P.MsgType.WELCOME, {
+            "session": self.session_id, **self.codec_settings(), "fedavg_every": self.cfg.fedavg_every,
+            "last_step": s.last_step, "server_step": self.server_step,
+        })
+
+    def _decode_activation(self, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
+        if n < 1:
+            raise P.ProtocolError(f"{what}: n must be >= 1, got {n}")
+        act, meta = sc.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+        expect = (n, *self.manifest.activation_shape)
+        if act.shape != expect:
+            raise P.ProtocolError(f"{what}: activation has shape {act.shape}, expected {expect}", P.ErrorCode.SHAPE_MISMATCH)
+        if act.dtype != np.float32:
+            raise P.ProtocolError(f"{what}: activation dtype {act.dtype}, expected float32", P.ErrorCode.SHAPE_MISMATCH)
+        if not np.isfinite(act).all():
+            raise P.ProtocolError(f"{what}: activation contains NaN or Inf", P.ErrorCode.NOT_FINITE)
+        return act, meta
+
+    def _on_train(self, identity: bytes, msg: P.Message) -> None:
+        s = self._session(identity)
+        h = msg.header
+        step = h["step"]
+        nbytes = msg.nbytes
+        s.bytes_in += nbytes
+        if s.cached is not None and step == s.cached[0]:
+            log.info("client %d retried step %d: answering from cache", s.client_id, step)
+            self.metrics.write("retry", client=s.client_id, step=step)
+            n = self.ep.send(s.cached[1], identity)
+            s.bytes_out += n
+            return
+        if step <= s.last_step:
+            self._stale(identity, s, msg)
+            return
+        P.expect_frames(msg, 2)
+        t0 = time.perf_counter()
+        act, meta = self._decode_activation(msg.frames[0], h["n"], "TRAIN")
+        labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes)
+        t1 = time.perf_counter()
+        res = self.model.train_step(act, labels)
+        t2 = time.perf_counter()
+        grad = s.fwd.backward(res.grad, meta)
+        t3 = time.perf_counter()
+        blob = s.grad.encode(np.ascontiguousarray(grad, dtype=np.float32), round=h["round"], total_rounds=h["total_rounds"])
+        t4 = time.perf_counter()
+        self.server_step += 1
+        s.last_step = step
+        s.steps += 1
+        self.progress[s.client_id] = {"last_step": step, "done": False}
+        fed_round = step // self.cfg.fedavg_every if self.cfg.fedavg_every and step % self.cfg.fedavg_every == 0 else None
+        timings = {
+            "decode_ms": round((t1 - t0) * 1000, 3), "compute_ms": round((t2 - t1) * 1000, 3),
+            "backward_ms": round((t3 - t2) * 1000, 3), "encode_ms": round((t4 - t3) * 1000, 3),
+        }
+        out = self._send(identity, P.MsgType.GRAD, {
+            "step": step, "loss": res.loss, "correct": res.correct, "fedavg_round": fed_round, "timings": timings,
+        }, [blob])
+        s.cached = (step, [bytes(f) for f in out])
+        self.metrics.write(
+            "step", client=s.client_id, step=step, server_step=self.server_step, n=h["n"], loss=round(res.loss, 6),
+            correct=res.correct, bytes_in=nbytes, bytes_out=sum(len(f) for f in s.cached[1]),
+            payload_in=frame_len(msg.frames[0]), payload_out=len(blob), shape=list(act.shape),
+            edge_encode_ms=h["encode_ms"], **timings,
+        )
+        if self.cfg.log_every and self.server_step % self.cfg.log_every == 0:
+            steps = ", ".join(f"c{c}:{x.last_step}" for c, x in sorted(self.by_client.items()))
+            log.info("server step %d (%s) loss %.4f; in %.1f MB, out %.1f MB", self.server_step, steps, res.loss,
+                     self.ep.counters.bytes_in / 1e6, self.ep.counters.bytes_out / 1e6)
+
+    def _stale(self, identity: bytes, s: Session, msg: P.Message) -> None:
+        step = msg.header["step"]
+        self._reject(identity, P.ErrorCode.STALE_STEP,
+                     f"step {step} was already applied (last applied: {s.last_step}); continue at {s.last_step + 1}",
+                     msg, expected_step=s.last_step + 1)
+
+    def _on_eval(self, identity: bytes, msg: P.Message) -> None:
+        s = self._session(identity)
+        h = msg.header
+        s.bytes_in += msg.nbytes
+        P.expect_frames(msg, 2 if h["has_labels"] else 1)
+        act, _ = self._decode_activation(msg.frames[0], h["n"], "EVAL")
+        labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes) if h["has_labels"] else None
+        pred, loss_sum = self.model.evaluate(act, labels)
+        self._send(identity, P.MsgType.EVAL_RESULT, {"eval_id": h["eval_id"], "n": h["n"], "loss_sum": loss_sum},
+                   [P.array_frame(pred, "int64")])
+
+    def _on_weights(self, identity: bytes, msg: P.Message) -> None:
+        s = self._session(identity)
+        h = msg.header
+        s.bytes_in += msg.nbytes
+        if not self.cfg.fedavg_every:
+            raise P.ProtocolError("FedAvg is off on this cloud (--fedavg-every 0)", P.ErrorCode.UNEXPECTED)
+        shapes = P.check_shapes(h["names"], h["shapes"], self.client_param_shapes, "WEIGHTS")
+        if sorted(h["names"]) != sorted(self.client_param_shapes):
+            raise P.ProtocolError("WEIGHTS must carry every edge parameter exactly once")
+        P.expect_frames(msg, len(h["names"]))
+        weights = {}
+        for name, shape, frame in zip(h["names"], shapes, msg.frames):
+            w = P.read_array(frame, "float32", shape, f"WEIGHTS {name}").copy()
+            if not np.isfinite(w).all():
+                raise P.ProtocolError(f"WEIGHTS {name} contains NaN or Inf", P.ErrorCode.NOT_FINITE)
+            weights[name] = w
+        self.pending.setdefault(h["round"], {})[s.client_id] = (weights, max(1, h["samples"]))
+        self._complete_rounds()
+
+    def _complete_rounds(self) -> None:
+        active = {cid for cid, x in self.by_client.items() if x.active}
+        for rnd in sorted(self.pending):
+            got = self.pending[rnd]
+            if not got or not active <= set(got):
+                continue
+            total = sum(n for _, n in got.values())
+            names = sorted(self.client_param_shapes)
+            avg = {k: sum(w[k].astype(np.float64) * (n / total) for w, n in got.values()).astype(np.float32) for k in names}
+            for cid in got:
+                x = self.by_client.get(cid)
+                if x is None:
+                    continue
+                self._send(x.identity, P.MsgType.WEIGHTS_AVG, {
+                    "round": rnd, "names": names, "shapes": [list(avg[k].shape) for k in names], "clients": len(got),
+                }, [P.array_frame(avg[k], "float32") for k in names])
+            log.info("FedAvg round %d over clients %s", rnd, sorted(got))
+            self.metrics.write("fedavg", round=rnd, clients=sorted(got), samples=total)
+            del self.pending[rnd]
+
+    def _on_bye(self, identity: bytes, msg: P.Message) -> None:
+        s = self._session(identity)
+        s.done = True
+        self.progress[s.client_id] = {"last_step": s.last_step, "done": True}
+        log.info("client %d finished after %d steps (%s)", s.client_id, msg.header["steps"], msg.header["reason"])
+        self.metrics.write("client_done", client=s.client_id, steps=msg.header["steps"], applied=s.last_step,
+                           reason=msg.header["reason"], bytes_in=s.bytes_in, bytes_out=s.bytes_out)
+        self._send(identity, P.MsgType.BYE_ACK, {})
+        self._complete_rounds()
+
+    def _on_ping(self, identity: bytes, msg: P.Message) -> None:
+        self._send(identity, P.MsgType.PONG, {"t": msg.header["t"]})
+
+    _handlers = {
+        P.MsgType.HELLO: _on_hello,
+        P.MsgType.TRAIN: _on_train,
+        P.MsgType.EVAL: _on_eval,
+        P.MsgType.WEIGHTS: _on_weights,
+        P.MsgType.BYE: _on_bye,
+        P.MsgType.PING: _on_ping,
+    }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self) -> None:
+        assert self.ckpt is not None
+        for s in self.by_client.values():
+            self.progress[s.client_id] = {"last_step": s.last_step, "done": s.done}
+
+        def write(d: Path) -> None:
+            self.model.save(d)
+            atomic_write_json(d / "server_state.json", {
+                "format_version": 1, "server_step": self.server_step, "model": self.manifest.model,
+                "cut": self.manifest.cut, "clients": {str(k): v for k, v in self.progress.items()},
+                **self.codec_settings(),
+            })
+
+        try:
+            path = self.ckpt.write(f"{self.server_step:09d}", write)
+        except OSError as e:
+            log.error("checkpoint at server step %d failed: %s; the previous checkpoint is intact", self.server_step, e)
+            self.metrics.write("checkpoint_failed", server_step=self.server_step, error=str(e))
+            self._last_ckpt_step = self.server_step  # retry at the next interval, not every message
+            raise
+        self._last_ckpt_step = self.server_step
+        self.metrics.write("checkpoint", server_step=self.server_step, path=str(path))
+
+    def _resume(self) -> None:
+        if self.ckpt is None:
+            raise ValueError("--resume needs --checkpoint-dir")
+        path = self.ckpt.latest()
+        if path is None:
+            log.info("--resume: no checkpoint in %s yet; starting fresh", self.cfg.checkpoint_dir)
+            return
+        state = json.loads((path / "server_state.json").read_text())
+        if (state["model"], state["cut"]) != (self.manifest.model, self.manifest.cut):
+            raise ValueError(f"checkpoint {path} is for {state['model']} cut {state['cut']}, not these artifacts")
+        self.model.load(path)
+        self.server_step = int(state["server_step"])
+        self._last_ckpt_step = self.server_step
+        self.progress = {int(k): dict(v) for k, v in state["clients"].items()}
+        log.info("resumed from %s: server step %d, clients %s", path, self.server_step,
+                 {k: v["last_step"] for k, v in self.progress.items()})
+
+
+def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:
+    from ..export import split, zoo
+
+    client, _ = split.split(m.model, zoo.build(m.model, m.num_classes, m.input_shape[0]), m.cut)
+    names = set(m.trainable_params) | set(m.frozen_params)
+    return {k: tuple(v.shape) for k, v in client.state_dict().items() if k in names}
+
+
+def serve(cfg: ServeConfig) -> int:
+    if not os.environ.get("SPLITEDGE_NO_LOG_SETUP"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    server = CloudServer(cfg)
+    return server.run()

@@ -1,0 +1,133 @@
+"""The server sub-model in PyTorch: one shared model trained by every client's batches.
+
+Clients' steps are applied one at a time in arrival order to one model and one
+optimizer (split-federated learning with a shared server part, "SFLV2"). The loss
+is the batch-mean cross-entropy; its gradient with respect to the received
+activation is what the cloud returns (after the codec's backward rule).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..export import manifest as mf
+from ..export import split, zoo
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    grad: np.ndarray  # dL/d(activation), float32, the activation's shape
+    compute_ms: float
+
+
+class ServerModel:
+    def __init__(
+        self,
+        artifacts: str | Path,
+        manifest: mf.Manifest,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        device: str = "cpu",
+    ) -> None:
+        from safetensors.torch import load_file
+
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        self.manifest = manifest
+        self.device = torch.device(device)
+        full = zoo.build(manifest.model, manifest.num_classes, manifest.input_shape[0])
+        _, server = split.split(manifest.model, full, manifest.cut)
+        state = load_file(str(Path(artifacts) / mf.SERVER_WEIGHTS))
+        server.load_state_dict(state, strict=True)
+        self.model = server.to(self.device).train()
+        params = list(self.model.parameters())
+        if optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer_name = optimizer
+        self.steps = 0
+
+    def train_step(self, activation: np.ndarray, labels: np.ndarray) -> StepResult:
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.array(activation, dtype=np.float32, copy=True)).to(self.device).requires_grad_(True)
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        self.model.train()
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.steps += 1
+        correct = int((logits.detach().argmax(1) == y).sum())
+        grad = x.grad.detach().to("cpu").numpy().astype(np.float32, copy=False)
+        return StepResult(float(loss.detach()), correct, grad, (time.perf_counter() - t0) * 1000)
+
+    @torch.no_grad()
+    def evaluate(self, activation: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, float | None]:
+        """Predictions with BatchNorm on running statistics; the loss sum when labels are given."""
+        x = torch.from_numpy(np.array(activation, dtype=np.float32, copy=True)).to(self.device)
+        self.model.eval()
+        try:
+            logits = self.model(x)
+        finally:
+            self.model.train()
+        pred = logits.argmax(1).to("cpu").numpy().astype(np.int64)
+        loss_sum = None
+        if labels is not None:
+            y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+            loss_sum = float(F.cross_entropy(logits, y, reduction="sum"))
+        return pred, loss_sum
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, directory: Path) -> None:
+        """Model and optimizer state as safetensors plus JSON (no pickle)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(directory / "server_model.safetensors"))
+        sd = self.opt.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+                else:
+                    scalars[f"{idx}.{key}"] = val
+        save_file(tensors, str(directory / "server_optimizer.safetensors"))
+        meta = {"optimizer": self.optimizer_name, "param_groups": sd["param_groups"], "scalars": scalars, "steps": self.steps}
+        (directory / "server_optimizer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(directory / "server_model.safetensors")), strict=True)
+        meta = json.loads((directory / "server_optimizer.json").read_text())
+        if meta["optimizer"] != self.optimizer_name:
+            raise ValueError(
+                f"checkpoint {directory} was trained with server optimizer {meta['optimizer']!r}, not {self.optimizer_name!r}"
+            )
+        tensors = load_file(str(directory / "server_optimizer.safetensors"))
+        state: dict[int, dict] = {}
+        for key, val in [*tensors.items(), *meta["scalars"].items()]:
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = val
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.steps = int(meta.get("steps", 0))

@@ -1,0 +1,124 @@
+"""``edge-train``: train the client sub-model on this device against ``cloud-serve``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class Partition(click.ParamType):
+    name = "iid|dirichlet:ALPHA"
+
+    def convert(self, value, param, ctx):
+        v = str(value)
+        if v == "iid":
+            return v
+        if v.startswith("dirichlet:"):
+            try:
+                alpha = float(v.split(":", 1)[1])
+            except ValueError:
+                alpha = -1.0
+            if alpha > 0:
+                return v
+        self.fail(f"{v!r} is not 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)", param, ctx)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--artifacts", "-a", required=True, type=click.Path(file_okay=False),
+              help="Artifact directory written by export-client (the edge reads client/ and manifest.json).")
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="cloud-serve's ZeroMQ endpoint.")
+@click.option("--data", default="fashion-mnist", show_default=True,
+              help="fashion-mnist | idx:DIR | cifar10:DIR | folder:DIR | synthetic[:...]. Read from disk, never "
+                   "downloaded.")
+@click.option("--client-id", type=click.IntRange(min=0), default=0, show_default=True, help="This client's index.")
+@click.option("--num-clients", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of clients the training set is split between.")
+@click.option("--partition", type=Partition(), default="iid", show_default=True,
+              help="How the training set is split: iid, or dirichlet:ALPHA (non-IID, seeded).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs over this client's shard [default: 1].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Train steps instead of --epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch size.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate on the test split every N steps (0: only at the end).")
+@click.option("--eval-samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate on the first N test samples (0: all).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Evaluation batch size.")
+@click.option("--summary", type=click.Path(dir_okay=False), default=None,
+              help="Write a JSON summary (accuracy, steps, samples, bytes sent/received, wall time, codec) here.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Edge learning rate [default: the one in the manifest].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the partition and the batch order.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to keep edge checkpoints (ORT checkpoint + position in the shard).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Checkpoint every N steps (and at the end).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: ORT's default).")
+@click.option("--timeout", "request_timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds before a request is retried (with backoff, same step id).")
+@click.option("--give-up", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds without an answer after which edge-train stops with an error.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [default: on a terminal; log lines otherwise].")
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between log lines when there is no progress bar.")
+def main(artifacts, connect, data, client_id, num_clients, partition, epochs, steps, batch_size, eval_every,
+         eval_samples, eval_batch_size, summary, lr, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, threads,
+         request_timeout, give_up, progress, log_every):
+    """Train the edge half of split learning with ONNX Runtime.
+
+    \b
+    Each step: forward (ORT eval model), encode the activation with the cloud's
+    codec, send it with the labels, receive and decode the gradient, ORT train
+    step with that gradient, optimizer step.
+
+    \b
+    Example (two clients of one cloud):
+      edge-train --artifacts artifacts/resnet18-cut3 --connect tcp://127.0.0.1:5555 \\
+                 --data fashion-mnist --client-id 0 --num-clients 2 --epochs 1 --summary runs/c0.json
+    """
+    from ..export.manifest import ManifestError
+    from .client import EdgeClient, EdgeConfig, EdgeError, RemoteError
+    from .data import DatasetError
+
+    if epochs is not None and steps is not None:
+        raise click.UsageError("give --epochs or --steps, not both")
+    if client_id >= num_clients:
+        raise click.BadParameter(f"must be below --num-clients ({num_clients})", param_hint="--client-id")
+    if resume and not checkpoint_dir:
+        raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
+    cfg = EdgeConfig(
+        artifacts=artifacts, connect=connect, data=data, client_id=client_id, num_clients=num_clients,
+        partition=partition, epochs=epochs or (None if steps else 1), steps=steps, batch_size=batch_size,
+        eval_every=eval_every, eval_samples=eval_samples, eval_batch_size=eval_batch_size, summary=summary, lr=lr,
+        seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, resume=resume,
+        threads=threads or None, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
+        log_every=log_every,
+    )
+    import logging
+    import os
+
+    if not os.environ.get("SPLITEDGE_NO_LOG_SETUP"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        result = EdgeClient(cfg).run()
+    except (ManifestError, DatasetError) as e:
+        raise UserError(str(e)) from None
+    except (EdgeError, RemoteError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({k: result[k] for k in ("client_id", "final_accuracy", "steps", "bytes_sent",
+                                                   "bytes_received", "wall_time_s")}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""``edge-train``'s engine: train the client sub-model on ONNX Runtime against ``cloud-serve``.
+
+One step::
+
+    a = model.forward(x)                       # eval model: the train-mode forward
+    send TRAIN(step, codec.encode(a), labels)  # compressed activation
+    g = decode(GRAD)                           # compressed dL/da, after the cloud's backward rule
+    codec.observe_gradient(g)                  # e.g. SGQ's channel attention learns from it
+    model.train_step(x, g)                     # ORT backward from g, then SGD/AdamW
+
+Requests are retried with backoff on timeout under the same step id (the cloud
+applies a step at most once and answers a retry from its cache); while waiting,
+the edge sends PINGs so the cloud knows it is alive. If the cloud restarted and no
+longer knows this connection, the edge says HELLO again and continues from the
+step the cloud has applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .. import codecs as sc
+from .. import protocol as P
+from ..fsutil import CheckpointDir, atomic_write_json
+from ..transport import client_socket
+from . import data as D
+
+log = logging.getLogger("edge-train")
+
+
+class EdgeError(RuntimeError):
+    """A failure the user must act on (cloud unreachable, incompatible artifacts, ...)."""
+
+
+@dataclass
+class EdgeConfig:
+    artifacts: str
+    connect: str = "tcp://127.0.0.1:5555"
+    data: str = "fashion-mnist"
+    client_id: int = 0
+    num_clients: int = 1
+    partition: str = "iid"
+    epochs: int | None = 1
+    steps: int | None = None
+    batch_size: int = 32
+    eval_every: int = 0
+    eval_samples: int = 0  # 0: the whole test split
+    eval_batch_size: int = 256
+    summary: str | None = None
+    lr: float | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    threads: int | None = None
+    device: str = "cpu"
+    inference_providers: list[str] | None = None
+    inference_provider_options: list[dict] | None = None
+    request_timeout_s: float = 30.0
+    give_up_s: float = 300.0
+    heartbeat_s: float = 2.0
+    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    log_every: int = 50
+    profile: str | None = None
+
+
+@dataclass
+class Progress:
+    """What an edge checkpoint records besides the ORT checkpoint itself."""
+
+    step: int = 0  # train steps completed (== the last step id the cloud acknowledged)
+    epoch: int = 0
+    batch: int = 0  # next batch index within the epoch
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    samples: int = 0
+    evals: list[dict] = field(default_factory=list)
+
+
+class EdgeClient:
+    def __init__(self, cfg: EdgeConfig):
+        from .ort_backend import EdgeModel
+
+        self.cfg = cfg
+        if cfg.num_clients < 1 or not 0 <= cfg.client_id < cfg.num_clients:
+            raise EdgeError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
+        self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
+        self.progress = Progress()
+        ckpt_file = None
+        if cfg.resume:
+            if self.ckpt is None:
+                raise EdgeError("--resume needs --checkpoint-dir")
+            latest = self.ckpt.latest()
+            if latest is not None:
+                ckpt_file = latest / "edge_checkpoint"
+                self.progress = Progress(**json.loads((latest / "edge_progress.json").read_text()))
+                log.info("resuming from %s at step %d (epoch %d, batch %d)", latest, self.progress.step,
+                         self.progress.epoch, self.progress.batch)
+        self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads, lr=cfg.lr,
+                               inference_providers=cfg.inference_providers,
+                               inference_provider_options=cfg.inference_provider_options)
+        self.manifest = self.model.manifest
+        self.train_set = D.load(cfg.data, split="train")
+        self.test_set = D.load(cfg.data, split="test")
+        if tuple(self.train_set.input_shape) != tuple(self.manifest.input_shape):
+            raise EdgeError(
+                f"{cfg.data} has inputs {'x'.join(map(str, self.train_set.input_shape))} but the artifacts expect "
+                f"{'x'.join(map(str, self.manifest.input_shape))}: re-export with "
+                f"--input-shape {','.join(map(str, self.train_set.input_shape))}"
+            )
+        if self.train_set.num_classes > self.manifest.num_classes:
+            raise EdgeError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
+                            f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
+        self.shard = D.partition(self.train_set.labels, cfg.num_clients, cfg.client_id, cfg.partition, cfg.seed)
+        self.batches_per_epoch = len(self.shard) // cfg.batch_size
+        if self.batches_per_epoch < 1:
+            raise EdgeError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
+                            f"of {cfg.batch_size}")
+        self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
+        self.ctx = zmq.Context.instance()
+        self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity)
+        self.fwd_codec: Any = None
+        self.settings: dict[str, Any] = {}
+        self.fedavg_every = 0
+        self._eval_id = 0
+        self.t_start = time.time()
+        self.timings: dict[str, list[float]] = {k: [] for k in ("forward", "encode", "wait", "decode", "train")}
+        self.last_loss = float("nan")
+        self.train_correct = 0
+        self.train_seen = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, type_: P.MsgType, header: dict, frames: list, want: P.MsgType,
+                 match: tuple[str, Any] | None = None) -> P.Message:
+        """Sends, then waits for the reply of type ``want`` (and header[match[0]] == match[1]).
+
+        Retries with exponential backoff on timeout; PINGs while waiting; ERROR replies
+        raise :class:`RemoteError` for the caller to handle.
+        """
+        out = P.pack(type_, header, frames)
+        deadline = time.monotonic() + self.cfg.give_up_s
+        timeout = self.cfg.request_timeout_s
+        self.progress.bytes_sent += self.ep.send(out)
+        sent_at = time.monotonic()
+        last_ping = sent_at
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
+                                f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
+            if now - sent_at > timeout:
+                log.warning("no reply to %s after %.1fs: retrying (same step id)", type_.name, now - sent_at)
+                self.progress.bytes_sent += self.ep.send(out)
+                sent_at = now
+                timeout = min(timeout * 2, 120.0)
+            if now - last_ping > self.cfg.heartbeat_s:
+                self.progress.bytes_sent += self.ep.send(P.pack(P.MsgType.PING, {"t": time.time()}))
+                last_ping = now
+            got = self.ep.recv(timeout_ms=100)
+            if got is None:
+                continue
+            _, frames_in = got
+            self.progress.bytes_received += sum(len(f.buffer) for f in frames_in)
+            try:
+                msg = P.unpack(frames_in)
+            except P.ProtocolError as e:
+                log.warning("ignoring a malformed message from the cloud: %s", e)
+                continue
+            if msg.type == P.MsgType.PONG:
+                continue
+            if msg.type == P.MsgType.ERROR:
+                if msg.header.get("re") not in (None, type_.name):
+                    continue  # an answer to an earlier request (e.g. a retried TRAIN before a new HELLO)
+                err_step = msg.header.get("step")
+                if match and match[0] == "step" and err_step not in (None, match[1]):
+                    continue  # an error about an older retry
+                raise RemoteError(msg.header)
+            if msg.type == want and (match is None or msg.header.get(match[0]) == match[1]):
+                return msg
+            # a late duplicate reply to an earlier retry: drop it
+
+    def hello(self) -> None:
+        m = self.manifest
+        msg = self._request(P.MsgType.HELLO, {
+            "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "model": m.model, "cut": m.cut,
+            "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
+            "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
+            "planned_steps": self.planned_steps,
+        }, [], P.MsgType.WELCOME)
+        h = msg.header
+        try:
+            codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
+            sc.get(h["grad_codec"]["name"], **h["grad_codec"]["params"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgeError(f"the cloud asked for codec settings this edge cannot use: {e}") from None
+        if self.fwd_codec is None or self.settings.get("codec") != h["codec"]:
+            self.fwd_codec = codec
+        self.settings = {"codec": h["codec"], "grad_codec": h["grad_codec"]}
+        self.fedavg_every = h["fedavg_every"]
+        if h["last_step"] > self.progress.step:
+            # the cloud applied steps this edge's checkpoint does not have: skip their batches, never re-send them
+            skip = h["last_step"] - self.progress.step
+            log.warning("the cloud already applied this client's steps up to %d (checkpoint: %d): skipping %d batches",
+                        h["last_step"], self.progress.step, skip)
+            self._advance(skip)
+        log.info("connected to %s: codec %s %s, gradients %s %s%s", self.cfg.connect, h["codec"]["name"],
+                 h["codec"]["params"], h["grad_codec"]["name"], h["grad_codec"]["params"],
+                 f", FedAvg every {self.fedavg_every} steps" if self.fedavg_every else "")
+
+    def _advance(self, n: int) -> None:
+        p = self.progress
+        for _ in range(n):
+            p.step += 1
+            p.batch += 1
+            if p.batch >= self.batches_per_epoch:
+                p.epoch += 1
+                p.batch = 0
+
+    # ------------------------------------------------------------------ training
+
+    def run(self) -> dict[str, Any]:
+        self.t_start = time.time()
+        self.hello()
+        bar = _Bar(self.planned_steps, self.cfg.client_id, self.cfg.progress, self.cfg.log_every)
+        p = self.progress
+        try:
+            while p.step < self.planned_steps:
+                # (re)start the batch stream at the recorded position; a skip (the cloud had already
+                # applied steps) changes the position, and the stream is restarted there
+                epoch, start = p.epoch, p.batch
+                batches = D.batches(self.train_set, self.shard, self.cfg.batch_size, seed=self.cfg.seed,
+                                    epoch=epoch, start_batch=start)
+                for i, (x, y) in enumerate(batches):
+                    if p.step >= self.planned_steps or (p.epoch, p.batch) != (epoch, start + i):
+                        break
+                    self._train_step(x, y)
+                    bar.update(p.step, self.last_loss, self.train_correct / max(1, self.train_seen))
+                    if self.cfg.eval_every and p.step % self.cfg.eval_every == 0 and p.step < self.planned_steps:
+                        self.evaluate()
+                    if self.ckpt and p.step % self.cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+            final = self.evaluate()
+            if self.ckpt:
+                self.save_checkpoint()
+            self._bye("finished")
+        finally:
+            bar.close()
+        summary = self.summary(final)
+        if self.cfg.summary:
+            Path(self.cfg.summary).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.cfg.summary, summary)
+        self.ep.close(linger_ms=200)
+        return summary
+
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+        p = self.progress
+        step = p.step + 1
+        t0 = time.perf_counter()
+        act = self.model.forward(x)
+        t1 = time.perf_counter()
+        blob = self.fwd_codec.encode(act, round=step, total_rounds=self.planned_steps)
+        t2 = time.perf_counter()
+        header = {"step": step, "n": int(x.shape[0]), "round": step, "total_rounds": self.planned_steps,
+                  "encode_ms": round((t2 - t1) * 1000, 3)}
+        while True:
+            try:
+                msg = self._request(P.MsgType.TRAIN, header, [blob, P.array_frame(y, "int64")], P.MsgType.GRAD,
+                                    match=("step", step))
+                break
+            except RemoteError as e:
+                if e.code == P.ErrorCode.UNKNOWN_CLIENT:
+                    log.warning("the cloud does not know this connection (restarted?): saying HELLO again")
+                    self.hello()
+                    if self.progress.step >= step:  # the cloud had applied this step before it went down
+                        return
+                    continue
+                if e.code == P.ErrorCode.STALE_STEP and e.header.get("expected_step"):
+                    self._advance(int(e.header["expected_step"]) - step)
+                    return
+                raise EdgeError(f"the cloud rejected step {step}: {e}") from None
+        t3 = time.perf_counter()
+        P.expect_frames(msg, 1)
+        grad = sc.decode(msg.frames[0].buffer)
+        if grad.shape != act.shape:
+            raise EdgeError(f"the cloud sent a gradient of shape {grad.shape} for an activation of shape {act.shape}")
+        self.fwd_codec.observe_gradient(grad)
+        t4 = time.perf_counter()
+        self.model.train_step(x, grad)
+        t5 = time.perf_counter()
+        for k, dt in zip(self.timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            self.timings[k].append(dt * 1000)
+        self.last_loss = float(msg.header["loss"])
+        self.train_correct += int(msg.header["correct"])
+        self.train_seen += int(x.shape[0])
+        p.step = step
+        p.samples += int(x.shape[0])
+        p.batch += 1
+        if p.batch >= self.batches_per_epoch:
+            p.epoch += 1
+            p.batch = 0
+        if msg.header.get("fedavg_round") is not None:
+            self._fedavg(int(msg.header["fedavg_round"]))
+
+    def _fedavg(self, rnd: int) -> None:
+        params = self.model.get_parameters()
+        names = sorted(params)
+        msg = self._request(P.MsgType.WEIGHTS, {
+            "round": rnd, "samples": int(len(self.shard)), "names": names,
+            "shapes": [list(params[k].shape) for k in names],
+        }, [P.array_frame(params[k], "float32") for k in names], P.MsgType.WEIGHTS_AVG, match=("round", rnd))
+        expected = {k: params[k].shape for k in names}
+        shapes = P.check_shapes(msg.header["names"], msg.header["shapes"], expected, "WEIGHTS_AVG")
+        P.expect_frames(msg, len(shapes))
+        avg = {k: P.read_array(f, "float32", s, k).copy() for k, s, f in zip(msg.header["names"], shapes, msg.frames)}
+        self.model.set_parameters(avg)
+        log.info("FedAvg round %d: averaged over %d clients", rnd, msg.header["clients"])
+
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy on the test split (or its first --eval-samples), through the same codec."""
+        ds = self.test_set
+        n_total = len(ds.labels) if not self.cfg.eval_samples else min(self.cfg.eval_samples, len(ds.labels))
+        correct = 0
+        loss_sum = 0.0
+        t0 = time.perf_counter()
+        for start in range(0, n_total, self.cfg.eval_batch_size):
+            x = ds.images[start:min(start + self.cfg.eval_batch_size, n_total)]
+            y = ds.labels[start:start + len(x)]
+            act = self.model.infer(x)
+            blob = self.fwd_codec.encode(act, training=False)
+            self._eval_id += 1
+            msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)), "has_labels": True},
+                                [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
+                                match=("eval_id", self._eval_id))
+            P.expect_frames(msg, 1)
+            pred = P.read_array(msg.frames[0], "int64", (len(x),), "predictions")
+            correct += int((pred == y).sum())
+            loss_sum += float(msg.header["loss_sum"] or 0.0)
+        result = {
+            "step": self.progress.step, "samples": n_total, "accuracy": correct / max(1, n_total),
+            "loss": loss_sum / max(1, n_total), "time_s": round(time.time() - self.t_start, 3),
+            "bytes_sent": self.progress.bytes_sent, "bytes_received": self.progress.bytes_received,
+            "eval_s": round(time.perf_counter() - t0, 3),
+        }
+        self.progress.evals.append(result)
+        log.info("client %d step %d: test accuracy %.2f%% (%d samples), loss %.4f", self.cfg.client_id,
+                 result["step"], 100 * result["accuracy"], n_total, result["loss"])
+        return result
+
+    def _bye(self, reason: str) -> None:
+        try:
+            self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
+        except (EdgeError, RemoteError) as e:
+            log.warning("BYE not acknowledged: %s", e)
+
+    def save_checkpoint(self) -> None:
+        assert self.ckpt is not None
+        p = self.progress
+
+        def write(d: Path) -> None:
+            self.model.save_checkpoint(d / "edge_checkpoint")
+            atomic_write_json(d / "edge_progress.json", asdict(p))
+
+        try:
+            self.ckpt.write(f"{p.step:09d}", write)
+        except OSError as e:
+            log.error("edge checkpoint at step %d failed: %s; the previous one is intact", p.step, e)
+
+    def summary(self, final: dict[str, Any]) -> dict[str, Any]:
+        med = {f"{k}_ms_median": round(float(np.median(v)), 3) if v else None for k, v in self.timings.items()}
+        return {
+            "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "data": self.cfg.data,
+            "partition": self.cfg.partition, "shard_samples": int(len(self.shard)),
+            "final_accuracy": final["accuracy"], "final_loss": final["loss"], "eval_samples": final["samples"],
+            "steps": self.progress.step, "planned_steps": self.planned_steps, "samples": self.progress.samples,
+            "batch_size": self.cfg.batch_size, "bytes_sent": self.progress.bytes_sent,
+            "bytes_received": self.progress.bytes_received, "wall_time_s": round(time.time() - self.t_start, 3),
+            "codec": self.settings.get("codec"), "grad_codec": self.settings.get("grad_codec"),
+            "fedavg_every": self.fedavg_every, "model": self.manifest.model, "cut": self.manifest.cut,
+            "lr": self.model.lr, "evals": self.progress.evals, "timings": med,
+            "train_accuracy": self.train_correct / max(1, self.train_seen),
+        }
+
+
+class RemoteError(Exception):
+    def __init__(self, header: dict):
+        self.header = header
+        self.code = header.get("code", "")
+        super().__init__(f"{self.code}: {header.get('message', '')}")
+
+
+class _Bar:
+    """A progress bar on a terminal; plain log lines every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, client: int, tty: bool | None, every: int):
+        self.total = total
+        self.client = client
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.every = max(1, every)
+        self.t0 = time.monotonic()
+
+    def update(self, step: int, loss: float, acc: float) -> None:
+        rate = step / max(1e-9, time.monotonic() - self.t0)
+        if self.tty:
+            width = 30
+            filled = int(width * step / max(1, self.total))
+            sys.stderr.write(f"\r[client {self.client}] |{'#' * filled}{'.' * (width - filled)}| {step}/{self.total} "
+                             f"loss {loss:.4f} train acc {100 * acc:.1f}% {rate:.1f} it/s ")
+            sys.stderr.flush()
+        elif step % self.every == 0 or step == self.total:
+            log.info("client %d step %d/%d loss %.4f train acc %.1f%% (%.1f steps/s)", self.client, step, self.total,
+                     loss, 100 * acc, rate)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+

@@ -1,0 +1,249 @@
+"""The wire protocol between ``edge-train`` (DEALER) and ``cloud-serve`` (ROUTER). Version 1.
+
+Every message is a ZeroMQ multipart message (the ROUTER sees the DEALER's identity
+frame first; it is not part of the protocol)::
+
+    frame 0   header:  b"SPLE" | u8 protocol version | u8 message type | UTF-8 JSON object
+    frame 1.. payload frames, raw bytes, sent zero-copy (codec payloads, labels, weights)
+
+The header is at most :data:`MAX_HEADER_BYTES`; its JSON holds only numbers,
+strings, booleans, lists and objects. Nothing is ever unpickled: payload frames are
+codec payloads (self-describing, CRC-checked, see :mod:`splitedge.codecs`) or raw
+little-endian arrays whose dtype and shape the header states and the receiver
+checks against what it expects.
+
+Message types (header fields beyond the common ``v``-less JSON; ``frames`` is the
+number of payload frames):
+
+===========  ====  ===========  =========================================================  ======
+type         id    direction    header                                                     frames
+===========  ====  ===========  =========================================================  ======
+HELLO        1     edge->cloud  client_id, num_clients, model, cut, activation_shape,      0
+                                input_shape, num_classes, samples, resume_step, planned_steps
+WELCOME      2     cloud->edge  session, codec {name, params}, grad_codec {name, params},  0
+                                fedavg_every, last_step (steps already applied for
+                                this client id), server_step
+TRAIN        3     edge->cloud  step, n, round, total_rounds, encode_ms                    2: activation payload,
+                                                                                           labels int64[n]
+GRAD         4     cloud->edge  step, loss, correct, fedavg_round (or null), timings       1: gradient payload
+EVAL         5     edge->cloud  eval_id, n, has_labels                                     1-2: activation payload
+                                                                                           [, labels int64[n]]
+EVAL_RESULT  6     cloud->edge  eval_id, n, loss_sum (null without labels)                 1: predictions int64[n]
+WEIGHTS      7     edge->cloud  round, samples, names, shapes                              one float32 array per name
+WEIGHTS_AVG  8     cloud->edge  round, names, shapes, clients                              one float32 array per name
+ERROR        9     both         code, message, re (the type name of the message it         0
+                                answers, null if unparsable), [step, expected_step]
+BYE          10    edge->cloud  reason, steps                                              0
+BYE_ACK      11    cloud->edge  (empty)                                                    0
+PING         12    both         t                                                          0
+PONG         13    both         t                                                          0
+===========  ====  ===========  =========================================================  ======
+
+Step ids: ``step`` counts a client's train steps from 1. The cloud applies step s of
+client c at most once: a retry of the step it applied last is answered from a cache
+of its reply, an older step gets ``ERROR stale_step`` with ``expected_step``, so a
+retried step is never applied twice. Client ids (``client_id``) are stable across
+reconnects and restarts; ZeroMQ identities are not.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"SPLE"
+_PREFIX = struct.Struct("<4sBB")
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    TRAIN = 3
+    GRAD = 4
+    EVAL = 5
+    EVAL_RESULT = 6
+    WEIGHTS = 7
+    WEIGHTS_AVG = 8
+    ERROR = 9
+    BYE = 10
+    BYE_ACK = 11
+    PING = 12
+    PONG = 13
+
+
+class ErrorCode:
+    BAD_MESSAGE = "bad_message"  # not a protocol message, or a header that fails its schema
+    BAD_PAYLOAD = "bad_payload"  # a codec payload that does not decode
+    SHAPE_MISMATCH = "shape_mismatch"  # decodes, but not to the shape the manifest says
+    NOT_FINITE = "not_finite"  # NaN or Inf where numbers must be finite
+    UNKNOWN_CLIENT = "unknown_client"  # no HELLO from this connection (e.g. the cloud restarted)
+    STALE_STEP = "stale_step"  # a step older than the last one applied
+    INCOMPATIBLE = "incompatible"  # HELLO for different artifacts than the cloud serves
+    UNEXPECTED = "unexpected"  # a valid message that this side does not accept here
+    INTERNAL = "internal"  # a bug: reported, logged, the server keeps serving
+    TOO_MANY_ERRORS = "too_many_errors"  # the client is disconnected
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid protocol version 1; ``code`` is an :class:`ErrorCode`."""
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE):
+        super().__init__(message)
+        self.code = code
+
+
+# Header schemas: required field -> accepted types. Extra fields are allowed (forward compatible).
+_NUM = (int, float)
+_OPT_INT = (int, type(None))
+SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
+    MsgType.HELLO: {
+        "client_id": (int,), "num_clients": (int,), "model": (str,), "cut": (int,),
+        "activation_shape": (list,), "input_shape": (list,), "num_classes": (int,),
+        "samples": (int,), "resume_step": (int,), "planned_steps": (int,),
+    },
+    MsgType.WELCOME: {
+        "session": (str,), "codec": (dict,), "grad_codec": (dict,), "fedavg_every": (int,),
+        "last_step": (int,), "server_step": (int,),
+    },
+    MsgType.TRAIN: {"step": (int,), "n": (int,), "round": (int,), "total_rounds": (int,), "encode_ms": _NUM},
+    MsgType.GRAD: {"step": (int,), "loss": _NUM, "correct": (int,), "fedavg_round": _OPT_INT, "timings": (dict,)},
+    MsgType.EVAL: {"eval_id": (int,), "n": (int,), "has_labels": (bool,)},
+    MsgType.EVAL_RESULT: {"eval_id": (int,), "n": (int,), "loss_sum": (float, int, type(None))},
+    MsgType.WEIGHTS: {"round": (int,), "samples": (int,), "names": (list,), "shapes": (list,)},
+    MsgType.WEIGHTS_AVG: {"round": (int,), "names": (list,), "shapes": (list,), "clients": (int,)},
+    MsgType.ERROR: {"code": (str,), "message": (str,)},
+    MsgType.BYE: {"reason": (str,), "steps": (int,)},
+    MsgType.BYE_ACK: {},
+    MsgType.PING: {"t": _NUM},
+    MsgType.PONG: {"t": _NUM},
+}
+
+
+@dataclass
+class Message:
+    type: MsgType
+    header: dict[str, Any] = field(default_factory=dict)
+    frames: list[Any] = field(default_factory=list)  # bytes-like (bytes, memoryview, zmq.Frame)
+    nbytes: int = 0  # size of all frames on the wire, header included (set by unpack)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (tuple, np.ndarray)):
+        return list(o.tolist() if isinstance(o, np.ndarray) else o)
+    raise TypeError(f"not JSON-serialisable in a header: {type(o).__name__}")
+
+
+def encode_header(type_: MsgType, header: dict[str, Any]) -> bytes:
+    body = json.dumps(header, separators=(",", ":"), default=_json_default, allow_nan=False).encode()
+    if len(body) + _PREFIX.size > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {type_.name} is {len(body)} bytes, over {MAX_HEADER_BYTES}")
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(type_)) + body
+
+
+def pack(type_: MsgType, header: dict[str, Any] | None = None, frames: list[Any] | None = None) -> list[Any]:
+    """The frames of one message, ready for ``socket.send_multipart(..., copy=False)``."""
+    return [encode_header(type_, header or {}), *(frames or [])]
+
+
+def _frame_bytes(f: Any) -> memoryview:
+    if hasattr(f, "buffer"):  # zmq.Frame
+        return f.buffer
+    return memoryview(f)
+
+
+def unpack(frames: list[Any]) -> Message:
+    """Parses and validates one message. Raises :class:`ProtocolError` naming what is wrong."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _frame_bytes(frames[0])
+    if len(head) < _PREFIX.size:
+        raise ProtocolError(f"header frame of {len(head)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header frame of {len(head)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    magic, version, type_id = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}: not a splitedge message")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    try:
+        type_ = MsgType(type_id)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {type_id}") from None
+    try:
+        header = json.loads(bytes(head[_PREFIX.size :]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{type_.name} header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{type_.name} header must be a JSON object")
+    for key, types in SCHEMAS[type_].items():
+        if key not in header:
+            raise ProtocolError(f"{type_.name} header lacks field {key!r}")
+        val = header[key]
+        if not isinstance(val, types) or (isinstance(val, bool) and bool not in types):
+            raise ProtocolError(
+                f"{type_.name} field {key!r} must be {'/'.join(t.__name__ for t in types)}, got {type(val).__name__}"
+            )
+    nbytes = len(head) + sum(len(_frame_bytes(f)) for f in frames[1:])
+    return Message(type_, header, list(frames[1:]), nbytes)
+
+
+def expect_frames(msg: Message, count: int | tuple[int, int]) -> None:
+    lo, hi = (count, count) if isinstance(count, int) else count
+    if not lo <= len(msg.frames) <= hi:
+        want = str(lo) if lo == hi else f"{lo}-{hi}"
+        raise ProtocolError(f"{msg.type.name} carries {len(msg.frames)} payload frames, expected {want}")
+
+
+# ----------------------------------------------------------------------------- raw arrays
+
+
+def array_frame(a: np.ndarray, dtype: str) -> memoryview:
+    """A C-contiguous little-endian array as a zero-copy frame."""
+    a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
+    return memoryview(a).cast("B")
+
+
+def read_array(frame: Any, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Reads a raw little-endian array of a known dtype and shape, checking the size first."""
+    buf = _frame_bytes(frame)
+    dt = np.dtype(dtype).newbyteorder("<")
+    n = 1
+    for d in shape:
+        if not isinstance(d, int) or d < 0:
+            raise ProtocolError(f"{what}: impossible shape {shape}")
+        n *= d
+    if len(buf) != n * dt.itemsize:
+        raise ProtocolError(f"{what}: {len(buf)} bytes, expected {n * dt.itemsize} for {dtype}{list(shape)}")
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+
+def read_labels(frame: Any, n: int, num_classes: int) -> np.ndarray:
+    y = read_array(frame, "int64", (n,), "labels")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ProtocolError(f"labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
+    return y
+
+
+def check_shapes(names: list, shapes: list, expected: dict[str, tuple[int, ...]], what: str) -> list[tuple[int, ...]]:
+    """Validates a WEIGHTS header's names/shapes against the known parameters."""
+    if len(names) != len(shapes):
+        raise ProtocolError(f"{what}: {len(names)} names but {len(shapes)} shapes")
+    out = []
+    for name, shape in zip(names, shapes):
+        if not isinstance(name, str) or name not in expected:
+            raise ProtocolError(f"{what}: unknown parameter {name!r}")
+        if not isinstance(shape, list) or tuple(shape) != tuple(expected[name]):
+            raise ProtocolError(f"{what}: parameter {name} has shape {shape}, expected {list(expected[name])}")
+        out.append(tuple(shape))
+    return out

@@ -1,0 +1,102 @@
+"""ZeroMQ sockets for the two sides. The transport moves frames and counts their bytes;
+it knows nothing of codecs or message meaning (see :mod:`splitedge.protocol`).
+
+Byte counts are the sizes of the frames handed to / received from ZeroMQ: the
+protocol header frame plus every payload frame. ZeroMQ's own framing (2-9 bytes per
+frame) and TCP/IP headers are not included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def frame_len(f: Any) -> int:
+    if isinstance(f, zmq.Frame):
+        return len(f.buffer)
+    return memoryview(f).nbytes
+
+
+@dataclass
+class Counters:
+    bytes_out: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    messages_in: int = 0
+
+
+class Endpoint:
+    """One socket plus byte counters. ``send``/``recv`` take and return lists of frames."""
+
+    def __init__(self, sock: zmq.Socket, *, router: bool):
+        self.sock = sock
+        self.router = router
+        self.counters = Counters()
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def send(self, frames: list[Any], identity: bytes | None = None) -> int:
+        n = sum(frame_len(f) for f in frames)
+        parts = ([identity] if self.router else []) + list(frames)
+        self.sock.send_multipart(parts, copy=False)
+        self.counters.bytes_out += n
+        self.counters.messages_out += 1
+        return n
+
+    def recv(self, timeout_ms: int | None) -> tuple[bytes | None, list[zmq.Frame]] | None:
+        """One message, or None on timeout. For a ROUTER, (identity, frames); else (None, frames)."""
+        if timeout_ms is not None and not self._poller.poll(timeout_ms):
+            return None
+        parts = self.sock.recv_multipart(copy=False)
+        identity = None
+        if self.router:
+            identity = parts[0].bytes
+            parts = parts[1:]
+        self.counters.bytes_in += sum(frame_len(f) for f in parts)
+        self.counters.messages_in += 1
+        return identity, parts
+
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
+
+
+def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Endpoint:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    # libzmq drops a peer whose message is over this size before allocating it
+    sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise OSError(f"cannot bind {bind}: {e}") from None
+    return Endpoint(sock, router=True)
+
+
+def client_socket(ctx: zmq.Context, connect: str, identity: bytes,
+                  *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Endpoint:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    try:
+        sock.connect(connect)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise OSError(f"cannot connect to {connect}: {e}") from None
+    return Endpoint(sock, router=False)
+
+
+def monotonic_ms() -> float:
+    return time.perf_counter() * 1000.0

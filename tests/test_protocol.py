@@ -1,0 +1,101 @@
+"""The wire protocol: header framing, schemas, raw arrays, and rejection of malformed messages."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from splitedge import protocol as P
+
+
+def test_round_trip_every_message_type():
+    examples = {
+        P.MsgType.HELLO: {"client_id": 1, "num_clients": 2, "model": "resnet18", "cut": 3,
+                          "activation_shape": [64, 14, 14], "input_shape": [1, 28, 28], "num_classes": 10,
+                          "samples": 30000, "resume_step": 0, "planned_steps": 100},
+        P.MsgType.TRAIN: {"step": 5, "n": 32, "round": 5, "total_rounds": 100, "encode_ms": 1.5},
+        P.MsgType.GRAD: {"step": 5, "loss": 0.25, "correct": 30, "fedavg_round": None, "timings": {}},
+        P.MsgType.ERROR: {"code": "bad_payload", "message": "truncated"},
+        P.MsgType.BYE_ACK: {},
+    }
+    for t, header in examples.items():
+        frames = P.pack(t, header, [b"abc", memoryview(b"de")])
+        msg = P.unpack(frames)
+        assert msg.type == t and msg.header == header and [bytes(f) for f in msg.frames] == [b"abc", b"de"]
+
+
+@pytest.mark.parametrize(
+    "frames,message",
+    [
+        ([], "empty message"),
+        ([b"SPL"], "shorter than"),
+        ([b"XXXX\x01\x03{}"], "bad magic"),
+        ([b"SPLE\x02\x03{}"], "protocol version 2"),
+        ([b"SPLE\x01\x63{}"], "unknown message type 99"),
+        ([b"SPLE\x01\x03\xff\xfe"], "not valid UTF-8 JSON"),
+        ([b"SPLE\x01\x03[1,2]"], "must be a JSON object"),
+        ([b"SPLE\x01\x03{}"], "lacks field 'step'"),
+        ([b'SPLE\x01\x03{"step":"1","n":1,"round":1,"total_rounds":1,"encode_ms":0}'], "'step' must be int"),
+        ([b'SPLE\x01\x03{"step":true,"n":1,"round":1,"total_rounds":1,"encode_ms":0}'], "'step' must be int"),
+        ([b"SPLE\x01\x03" + b" " * P.MAX_HEADER_BYTES], "over the"),
+    ],
+)
+def test_malformed_headers_are_rejected_with_a_reason(frames, message):
+    with pytest.raises(P.ProtocolError, match=message):
+        P.unpack(frames)
+
+
+def test_header_refuses_nan_and_oversize():
+    with pytest.raises(ValueError):
+        P.pack(P.MsgType.PING, {"t": float("nan")})
+    with pytest.raises(P.ProtocolError, match="over"):
+        P.pack(P.MsgType.ERROR, {"code": "x", "message": "y" * P.MAX_HEADER_BYTES})
+
+
+def test_raw_arrays_and_labels():
+    y = np.array([0, 9, 3], dtype=np.int64)
+    frame = P.array_frame(y, "int64")
+    assert np.array_equal(P.read_labels(frame, 3, 10), y)
+    with pytest.raises(P.ProtocolError, match="24 bytes, expected 32"):
+        P.read_labels(frame, 4, 10)
+    with pytest.raises(P.ProtocolError, match="0..4"):
+        P.read_labels(frame, 3, 5)
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(P.read_array(P.array_frame(w, "float32"), "float32", (2, 3), "w"), w)
+    with pytest.raises(P.ProtocolError, match="impossible shape"):
+        P.read_array(b"", "float32", (-1,), "w")
+
+
+def test_check_shapes():
+    expected = {"a": (2, 3), "b": (4,)}
+    assert P.check_shapes(["a", "b"], [[2, 3], [4]], expected, "W") == [(2, 3), (4,)]
+    with pytest.raises(P.ProtocolError, match="unknown parameter"):
+        P.check_shapes(["c"], [[1]], expected, "W")
+    with pytest.raises(P.ProtocolError, match="has shape"):
+        P.check_shapes(["a"], [[3, 2]], expected, "W")
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+def test_unpack_never_crashes_on_random_frames(frames):
+    try:
+        P.unpack(frames)
+    except P.ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list(P.MsgType)), st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)))
+def test_unpack_of_valid_framing_with_random_json(t, body):
+    frame = struct.pack("<4sBB", P.MAGIC, P.PROTOCOL_VERSION, int(t)) + json.dumps(body).encode()
+    try:
+        msg = P.unpack([frame])
+    except P.ProtocolError:
+        return
+    for key in P.SCHEMAS[t]:
+        assert key in msg.header
