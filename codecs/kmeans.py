@@ -19,7 +19,7 @@ weight on the padding) run in the same numpy calls.
 
 Initialisation: k-means++ (D^2 sampling with the seeded generator), or given centroids
 (warm start), or random distinct points.  Ties in the assignment go to the lowest
-index; an empty cluster is re-seeded at the point farthest from its centroid.
+index; empty clusters are re-seeded at the points farthest from their centroids.
 """
 
 from __future__ import annotations
@@ -103,17 +103,16 @@ def lloyd(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd iterations on augmented points Xa ``(G, d+2, m)`` from centroids U ``(G, k, d)``.
 
-    Returns (U, labels ``(G, m)`` uint8).  Stops early when no label changes.  An empty
-    cluster is re-seeded at the point farthest from its centroid (one per group and
-    iteration), which also separates duplicated seeds (e.g. several seeds on the
-    all-zero stripe of ReLU features).
+    Returns (U, labels ``(G, m)`` uint8).  Stops early when no label changes.  Empty
+    clusters are re-seeded at the points farthest from their centroids, which also
+    separates duplicated seeds (e.g. several seeds on the all-zero stripe of ReLU
+    features) and replaces stale warm-start centroids that no point uses any more.
     """
     G, d2, m = Xa.shape
     d = d2 - 2
     k = U.shape[1]
     U = U.astype(np.float32, copy=True)
     XT1 = np.ascontiguousarray(Xa[:, : d + 1, :].transpose(0, 2, 1))  # [x, 1]: sums and counts in one product
-    gi = np.arange(G)
     prev = None
     lab = None
     for _ in range(max(1, iters)):
@@ -128,10 +127,11 @@ def lloyd(
         U = np.where(nz[:, :, None], sums[:, :, :d] / np.maximum(cnt, 1)[:, :, None], U).astype(np.float32)
         prev = lab
         if not nz.all():
-            far = np.argmax(dist, axis=1)
-            empty = np.argmin(nz, axis=1)  # first empty cluster of each group
-            has = ~nz.all(axis=1)
-            U[gi[has], empty[has], :] = Xa[gi[has], :d, far[has]]
+            # re-seed every empty cluster at the points farthest from their centroids
+            ge, ke = np.nonzero(~nz)
+            rank = np.arange(ge.size) - np.searchsorted(ge, ge)  # 0, 1, ... within each group
+            far = np.argsort(-dist, axis=1, kind="stable")[:, : int(rank.max()) + 1]
+            U[ge, ke, :] = Xa[ge, :d, far[ge, np.minimum(rank, m - 1)]]
             prev = None  # labels no longer match U
     return U, lab
 

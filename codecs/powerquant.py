@@ -101,7 +101,8 @@ class PowerQuant(Codec):
         if yhi < ylo:
             raise fmt.PayloadError(f"powerquant payload: range max {yhi} < min {ylo}")
         y = _linear.dequantize(np.frombuffer(h.sections[1], np.uint8), b, n, ylo, yhi)
-        out = inverse_map(y, a)
+        with np.errstate(over="ignore"):
+            out = inverse_map(y, a)
         if n and not np.isfinite(out).all():
             raise fmt.PayloadError("powerquant payload: values overflow float32")
         return out.reshape(h.shape), {"a": a, "bits": b, "min": ylo, "max": yhi}

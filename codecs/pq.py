@@ -29,8 +29,17 @@ import numpy as np
 
 from . import bitpack
 from . import format as fmt
-from .base import Codec, Param, as3, bits_param, check_finite, expect_sections, prod, read_struct, seed_param
-from .sgq import group_sizes, padded_index, parse_books_codes, parse_groups, stripe_vq, vq_reconstruct
+from .base import Codec, Param, as3, bits_param, expect_sections, prod, read_struct, seed_param
+from .sgq import (
+    check_codebooks,
+    checked_means,
+    group_sizes,
+    padded_index,
+    parse_books_codes,
+    parse_groups,
+    stripe_vq,
+    vq_reconstruct,
+)
 
 
 class PQ(Codec):
@@ -54,7 +63,7 @@ class PQ(Codec):
         n, c, s = x3.shape
         if c > 65535:
             raise ValueError(f"pq: at most 65535 channels, got {c}")
-        check_finite(x3.min(), x3.max())
+        means = checked_means(x3)
         bits = self._p["bits"]
         sizes = group_sizes(c, min(self._p["groups"], c))
         idx, valid = padded_index(np.arange(c), sizes)
@@ -64,7 +73,14 @@ class PQ(Codec):
             pidx, pU = self._warm
             if pidx.shape == idx.shape and (pidx == idx).all() and pU.shape[1] == (1 << bits):
                 warm = pU
-        U, labels = stripe_vq(x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm)
+        with np.errstate(over="raise"):
+            try:
+                U, labels = stripe_vq(
+                    x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm, means
+                )
+            except FloatingPointError:
+                raise ValueError("input values too large: squared distances overflow float32") from None
+        check_codebooks(U)
         if training or self._warm is None:
             self._warm = (idx, U)
         books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])

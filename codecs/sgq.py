@@ -99,7 +99,7 @@ from . import bitpack, kmeans
 from . import format as fmt
 from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
 
-_ASSIGN_BLOCK = 1 << 18  # score-array elements per assignment block
+_ASSIGN_BLOCK = 1 << 17  # distance-array elements per assignment block (512 KiB)
 
 
 # ====================================================================== stripe VQ engine
@@ -136,36 +136,66 @@ def stripe_vq(
     iters: int,
     sample: int,
     warm: np.ndarray | None = None,
+    means: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fits and assigns every group; returns (U (G, k, dmax), labels (G, N, S) uint8)."""
+    """Fits and assigns every group; returns (U (G, k, dmax), labels (G, N, S) uint8).
+
+    Distances are computed on data centred per channel (``means``: (N, C) per-sample
+    channel means, averaged here), so the matmul form of the distance does not cancel
+    catastrophically for data with a large offset; the codebook is returned uncentred.
+    """
     n, c, s = x3.shape
     g, dmax = idx.shape
     k = 1 << bits
-    xa = np.empty((n, g, dmax + 2, s), np.float32)  # stripes augmented for kmeans.nearest
-    xa[:, :, :dmax] = x3[:, idx.reshape(-1), :].reshape(n, g, dmax, s)
-    kmeans.augment(xa[:, :, :dmax], wpad, out=xa)
     m = n * s
+    mu_c = (means if means is not None else x3.mean(axis=2)).mean(axis=0, dtype=np.float64).astype(np.float32)
+    mu = mu_c[idx][:, :, None]  # (G, dmax, 1)
+    # group-major stripes, augmented for kmeans.nearest: (G, dmax + 2, N*S), one gather; centring
+    # and the ||x||_w^2 row are done block by block where they are used, while the block is in cache
+    xa = np.empty((g, dmax + 2, m), np.float32)
+    xa[:, :dmax] = x3.transpose(1, 0, 2)[idx.reshape(-1)].reshape(g, dmax, m)
     if m <= sample:
-        Xs = np.ascontiguousarray(xa.transpose(1, 2, 0, 3)).reshape(g, dmax + 2, m)
+        xa[:, :dmax] -= mu
+        Xs = kmeans.augment(xa[:, :dmax], wpad, out=xa)
     else:
-        pos = rng.integers(0, m, size=sample)
-        Xs = np.ascontiguousarray(xa[pos // s, :, :, pos % s].transpose(1, 2, 0))
+        pos = np.sort(rng.integers(0, m, size=sample))
+        Xs = np.empty((g, dmax + 2, sample), np.float32)
+        np.subtract(xa[:, :dmax, pos], mu, out=Xs[:, :dmax])
+        kmeans.augment(Xs[:, :dmax], wpad, out=Xs)
     ms = Xs.shape[2]
     pick = rng.choice(ms, size=k, replace=ms < k)
     U0 = np.ascontiguousarray(Xs[:, :dmax, pick].transpose(0, 2, 1))
     if warm is not None:
         use = ~np.isnan(warm[:, 0, 0])
-        U0[use] = warm[use]
+        U0[use] = warm[use] - mu.transpose(0, 2, 1)[use]
     U, _ = kmeans.lloyd(Xs, U0, wpad, iters)
-    # assign every stripe (Eq. 3), block by block over samples
+    # assign every stripe (Eq. 3), block by block of stripes: labels come out in payload order
     Ua = kmeans.centroid_rows(U, wpad)
-    labels = np.empty((g, n, s), np.uint8)
-    step = max(1, _ASSIGN_BLOCK // (g * k * s))
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        lab = kmeans.nearest(Ua, xa[a:b])  # (b-a, G, S)
-        labels[:, a:b, :] = lab.transpose(1, 0, 2)
-    return U, labels
+    labels = np.empty((g, m), np.uint8)
+    step = max(1, _ASSIGN_BLOCK // (g * k))
+    for a in range(0, m, step):
+        b = min(m, a + step)
+        blk = xa[:, :, a:b]
+        if Xs is not xa:
+            blk[:, :dmax] -= mu
+            kmeans.augment(blk[:, :dmax], wpad, out=blk)
+        labels[:, a:b] = kmeans.nearest(Ua, blk)
+    U += mu.transpose(0, 2, 1)
+    return U, labels.reshape(g, n, s)
+
+
+def checked_means(x3: np.ndarray) -> np.ndarray:
+    """Channel means per sample (N, C), one pass; doubles as the NaN/Inf check of the input."""
+    p = x3 @ np.full(x3.shape[2], 1.0 / x3.shape[2], np.float32)
+    if not np.isfinite(p).all():
+        check_finite(x3.min(), x3.max())
+        raise ValueError("input values too large: their sums overflow float32")
+    return p
+
+
+def check_codebooks(U: np.ndarray) -> None:
+    if not np.isfinite(U).all():
+        raise ValueError("input values too large: squared distances overflow float32")
 
 
 def vq_reconstruct(shape, perm, sizes, books, labels) -> np.ndarray:
@@ -315,8 +345,9 @@ class SignificanceNet:
         self.b2 = np.zeros(c)
 
     @staticmethod
-    def pool(x3: np.ndarray) -> np.ndarray:
-        p = (x3 @ np.full(x3.shape[2], 1.0 / x3.shape[2], np.float32)).astype(np.float64)  # (N, C) mean over S
+    def pool(means: np.ndarray) -> np.ndarray:
+        """z = channel-wise average pool (N, C), divided by its RMS over channels."""
+        p = means.astype(np.float64)
         rms = np.sqrt((p * p).mean(axis=1, keepdims=True))
         return p / np.where(rms > 0, rms, 1.0)
 
@@ -385,13 +416,13 @@ class SGQ(Codec):
 
     # ------------------------------------------------------------------ CAG
 
-    def _significance(self, x3: np.ndarray, training: bool) -> np.ndarray:
+    def _significance(self, x3: np.ndarray, means: np.ndarray, training: bool) -> np.ndarray:
         c = x3.shape[1]
         if not self._p["significance"]:
             return np.ones(c, np.float64)
         if self._net is None or self._net.c != c:
             self._net = SignificanceNet(c, self._p["reduction"], np.random.default_rng(self._net_seed))
-        z = SignificanceNet.pool(x3)
+        z = SignificanceNet.pool(means)
         if training:
             self._last_z = z
             self._last_shape = x3.shape
@@ -426,9 +457,9 @@ class SGQ(Codec):
         n, c, s = x3.shape
         if c > 65535:
             raise ValueError(f"sgq: at most 65535 channels, got {c}")
-        check_finite(x3.min(), x3.max())
+        means = checked_means(x3)
         bits = self._p["bits"]
-        v = self._significance(x3, training)
+        v = self._significance(x3, means, training)
         self.last_significance = v
         perm, sizes = self.grouping(v, c)
         idx, valid = padded_index(perm, sizes)
@@ -441,7 +472,14 @@ class SGQ(Codec):
                 if same.any():
                     warm = np.full(pU.shape, np.nan, np.float32)
                     warm[same] = pU[same]
-        U, labels = stripe_vq(x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm)
+        with np.errstate(over="raise"):
+            try:
+                U, labels = stripe_vq(
+                    x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm, means
+                )
+            except FloatingPointError:
+                raise ValueError("input values too large: squared distances overflow float32") from None
+        check_codebooks(U)
         if training or self._warm is None:
             self._warm = (idx, U)
         books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])
