@@ -15,7 +15,11 @@ standard normal: about half the values are zero, as after a ReLU.  Codecs with s
 
 ``--edge-step`` also measures the real edge step (ONNX Runtime forward + train step of
 ResNet-18 cut 3, batch 32, 3x32x32 input, whose activation is 32x64x16x16) in the same
-run and prints each encode as a share of it.  Benchmarks never assert timings.
+run and prints each encode as a share of it (measured after the codecs: ONNX Runtime's
+worker threads spin after a run and would slow whatever runs next on 2 cores).
+``--cold`` evicts the caches before every timed run (copy included), the pessimistic
+case of a training loop whose ORT step has just displaced the codec's working set;
+the default measures back-to-back runs.  Benchmarks never assert timings.
 """
 
 from __future__ import annotations
@@ -78,9 +82,21 @@ def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.maximum(x, 0.0, out=x)
 
 
-def _median_ms(fn, repeat: int) -> float:
+_FLUSH: list[np.ndarray] = []
+
+
+def _flush_caches() -> None:
+    """Writes 64 MiB (twice a large L3) so that the next run starts from cold caches."""
+    if not _FLUSH:
+        _FLUSH.append(np.zeros(1 << 24, np.float32))
+    _FLUSH[0] += 1.0
+
+
+def _median_ms(fn, repeat: int, cold: bool = False) -> float:
     ts = []
     for i in range(repeat):
+        if cold:
+            _flush_caches()
         t = time.perf_counter()
         fn(i)
         ts.append(time.perf_counter() - t)
@@ -110,7 +126,7 @@ def measure_edge_step(repeat: int, log) -> float:
         return _median_ms(step, max(repeat, 5))
 
 
-def bench_one(name: str, bits: int, shape, repeat: int, seed: int) -> dict:
+def bench_one(name: str, bits: int, shape, repeat: int, seed: int, cold: bool = False) -> dict:
     from . import codec_class, decode, get
 
     cls = codec_class(name)
@@ -120,17 +136,17 @@ def bench_one(name: str, bits: int, shape, repeat: int, seed: int) -> dict:
     xs = [make_input(shape, seed + i) for i in range(ninputs)]
     dst = np.empty_like(xs[0])
     last = [codec.encode(xs[-1])]  # warm-up (and warm state)
-    copy_ms = _median_ms(lambda i: np.copyto(dst, xs[i % ninputs]), max(repeat, 5))
+    copy_ms = _median_ms(lambda i: np.copyto(dst, xs[i % ninputs]), max(repeat, 5), cold)
 
     def enc(i):
         last[0] = None  # free the previous payload first, as a streaming sender would
         last[0] = codec.encode(xs[i % ninputs])
 
-    enc_ms = _median_ms(enc, repeat)
+    enc_ms = _median_ms(enc, repeat, cold)
     blob = last[0]
     xref = xs[(repeat - 1) % ninputs]
     decode(blob)
-    dec_ms = _median_ms(lambda i: decode(blob), repeat)
+    dec_ms = _median_ms(lambda i: decode(blob), repeat, cold)
     xh = decode(blob)
     diff = (xh - xref).astype(np.float64)
     denom = float(np.dot(xref.reshape(-1).astype(np.float64), xref.reshape(-1)))
@@ -148,6 +164,7 @@ def bench_one(name: str, bits: int, shape, repeat: int, seed: int) -> dict:
         "decode_vs_copy": copy_ms / dec_ms,
         "rel_mse": float((diff * diff).sum() / denom) if denom > 0 else 0.0,
         "max_abs_err": float(np.abs(diff).max()),
+        "cold_cache": cold,
     }
 
 
@@ -159,38 +176,42 @@ def bench_one(name: str, bits: int, shape, repeat: int, seed: int) -> dict:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Also write results as JSON.")
 @click.option("--edge-step", is_flag=True, help="Measure the ResNet-18 cut 3 edge step and show encode as a share of it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
-def main(names, bits, repeat, shapes, json_path, edge_step, seed) -> None:
+@click.option("--cold", is_flag=True, help="Evict the caches (write 64 MiB) before every timed run, copy included.")
+def main(names, bits, repeat, shapes, json_path, edge_step, seed, cold) -> None:
     """Throughput (as a ratio to np.copyto of the same bytes), compression ratio and error of each codec."""
     from . import available
 
     names = names or available()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
-    step_ms = measure_edge_step(repeat, log) if edge_step else None
     rows = []
+    for shape in shapes:
+        for name in names:
+            log(f"  {name} {'x'.join(map(str, shape))} ...")
+            rows.append(bench_one(name, bits, tuple(shape), repeat, seed, cold))
+    # the edge step last: ONNX Runtime's worker threads spin after a run and would slow the codecs
+    step_ms = measure_edge_step(repeat, log) if edge_step else None
     head = f"{'codec':<11} {'shape':<14} {'enc ms':>8} {'enc/copy':>8} {'dec ms':>8} {'dec/copy':>8} {'ratio':>7} {'rel.err':>9} {'max.err':>9}"
     if step_ms is not None:
         head += f" {'%edge':>6}"
-    click.echo(f"numpy {np.__version__}, {platform.machine()}, {os.cpu_count()} cpus; bits={bits}, repeat={repeat}")
+    click.echo(
+        f"numpy {np.__version__}, {platform.machine()}, {os.cpu_count()} cpus; bits={bits}, repeat={repeat}"
+        + (", cold caches" if cold else "")
+    )
     if step_ms is not None:
         click.echo(f"edge step (ResNet-18 cut 3, batch 32, 3x32x32, ORT forward + train step): {step_ms:.2f} ms")
     click.echo(head)
-    for shape in shapes:
-        for name in names:
-            r = bench_one(name, bits, tuple(shape), repeat, seed)
-            if step_ms is not None:
-                r["edge_step_ms"] = step_ms
-                r["encode_share_of_edge_step"] = r["encode_ms"] / step_ms
-            rows.append(r)
-            line = (
-                f"{name:<11} {'x'.join(map(str, shape)):<14} {r['encode_ms']:8.3f} {r['encode_vs_copy']:8.3f} "
-                f"{r['decode_ms']:8.3f} {r['decode_vs_copy']:8.3f} {r['compression_ratio']:7.2f} "
-                f"{r['rel_mse']:9.2e} {r['max_abs_err']:9.3g}"
-            )
-            if step_ms is not None:
-                line += f" {100 * r['encode_share_of_edge_step']:5.1f}%"
-                if tuple(shape) != EDGE_SHAPE:
-                    line += "*"
-            click.echo(line)
+    for r in rows:
+        shape = tuple(r["shape"])
+        line = (
+            f"{r['codec']:<11} {'x'.join(map(str, shape)):<14} {r['encode_ms']:8.3f} {r['encode_vs_copy']:8.3f} "
+            f"{r['decode_ms']:8.3f} {r['decode_vs_copy']:8.3f} {r['compression_ratio']:7.2f} "
+            f"{r['rel_mse']:9.2e} {r['max_abs_err']:9.3g}"
+        )
+        if step_ms is not None:
+            r["edge_step_ms"] = step_ms
+            r["encode_share_of_edge_step"] = r["encode_ms"] / step_ms
+            line += f" {100 * r['encode_share_of_edge_step']:5.1f}%" + ("*" if shape != EDGE_SHAPE else "")
+        click.echo(line)
     if step_ms is not None and any(tuple(s) != EDGE_SHAPE for s in shapes):
         click.echo("* the edge step is for 32x64x16x16 activations; other shapes are shown against it for scale")
     if json_path:
@@ -203,6 +224,7 @@ def main(names, bits, repeat, shapes, json_path, edge_step, seed) -> None:
             "bits": bits,
             "repeat": repeat,
             "seed": seed,
+            "cold_cache": cold,
             "edge_step_ms": step_ms,
             "results": rows,
         }

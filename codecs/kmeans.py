@@ -130,8 +130,9 @@ def lloyd(
             # re-seed every empty cluster at the points farthest from their centroids
             ge, ke = np.nonzero(~nz)
             rank = np.arange(ge.size) - np.searchsorted(ge, ge)  # 0, 1, ... within each group
-            far = np.argsort(-dist, axis=1, kind="stable")[:, : int(rank.max()) + 1]
-            U[ge, ke, :] = Xa[ge, :d, far[ge, np.minimum(rank, m - 1)]]
+            top = min(m, int(rank.max()) + 1)
+            far = np.argpartition(-dist, top - 1, axis=1)[:, :top] if top < m else np.argsort(-dist, axis=1)
+            U[ge, ke, :] = Xa[ge, :d, far[ge, np.minimum(rank, top - 1)]]
             prev = None  # labels no longer match U
     return U, lab
 

@@ -160,7 +160,7 @@ def stripe_vq(
     else:
         pos = np.sort(rng.integers(0, m, size=sample))
         Xs = np.empty((g, dmax + 2, sample), np.float32)
-        np.subtract(xa[:, :dmax, pos], mu, out=Xs[:, :dmax])
+        np.subtract(np.take(xa[:, :dmax], pos, axis=2), mu, out=Xs[:, :dmax])
         kmeans.augment(Xs[:, :dmax], wpad, out=Xs)
     ms = Xs.shape[2]
     pick = rng.choice(ms, size=k, replace=ms < k)
