@@ -1,11 +1,11 @@
 """End to end: real cloud-serve and edge-train processes over TCP loopback.
 
-Settings shared by the accuracy runs: ResNet-18 cut 3 for 1x28x28, 2 clients x 80 steps of
-batch 64 (10,240 of Fashion-MNIST's 60,000 training images), SGD lr 0.02 on both sides
-(momentum 0.9 on the cloud), evaluation on the first 2,000 test images. Measured on the
-2-core CI machine, each run takes about a minute and reaches ~78-81 % test accuracy with
-fp32, SGQ 4-bit and SL-ACC; the asserted floor of 65 % is far above chance (10 %) and
-leaves room for run-to-run noise.
+Settings of the accuracy runs: ResNet-18 cut 3 for 1x28x28, 2 clients x 100 steps of batch 64
+(12,800 of Fashion-MNIST's 60,000 training images), SGD lr 0.01 on both sides (momentum 0.9
+on the cloud), evaluation on the first 2,000 test images. On the 2-core CI machine each run
+takes about 50 s and ends at 72-80 % test accuracy (fp32, SGQ 4-bit, SL-ACC; measured over
+several runs, evaluations fluctuate by several points this early in training). The asserted
+floor of 60 % is six times chance (10 %).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ needs_fashion = pytest.mark.skipif(
     not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup installs it)"
 )
 
-STEPS, BATCH, EVAL = 80, 64, 2000
-ACCURACY_FLOOR = 0.65
+STEPS, BATCH, EVAL = 100, 64, 2000
+ACCURACY_FLOOR = 0.60
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
 
 
 @pytest.fixture(scope="module")
 def fashion_artifacts(exported):
-    return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
+    return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def e2e_runs(fashion_artifacts, tmp_path_factory):
                 bits = []  # SL-ACC allocates 2..8 bits per group itself
             spec = launch.RunSpec(
                 workdir=tmp_path_factory.mktemp(f"e2e-{codec}"), artifacts=fashion_artifacts, num_clients=2,
-                cloud_args=["--codec", codec, *bits, "--lr", "0.02", "--momentum", "0.9", "--threads", "1"],
+                cloud_args=["--codec", codec, *bits, "--lr", "0.01", "--momentum", "0.9", "--threads", "1"],
                 edge_args=["--data", "fashion-mnist", "--steps", str(STEPS), "--batch-size", str(BATCH),
                            "--eval-samples", str(EVAL), "--threads", "1"],
                 timeout_s=600,
