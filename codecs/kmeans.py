@@ -27,16 +27,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def augment(X: np.ndarray, w: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+def augment(X: np.ndarray, w: np.ndarray | None, out: np.ndarray | None = None, ones: bool = True) -> np.ndarray:
     """Points X ``(..., G, d, m)`` -> ``(..., G, d+2, m)`` with rows [x; 1; ||x||_w^2] (see :func:`nearest`).
 
-    With ``out`` given, ``X`` must be the view ``out[..., :d, :]`` (filled in place, no copy).
+    With ``out`` given, ``X`` must be the view ``out[..., :d, :]`` (filled in place, no copy);
+    ``ones=False`` leaves the row of ones as it is (already set).
     """
     *lead, G, d, m = X.shape
     if out is None:
         out = np.empty((*lead, G, d + 2, m), np.float32)
         out[..., :d, :] = X
-    out[..., d, :] = 1.0
+        ones = True
+    if ones:
+        out[..., d, :] = 1.0
     sq = np.square(out[..., :d, :])
     ww = np.ones((G, d), np.float32) if w is None else np.asarray(w, np.float32)
     out[..., d + 1, :] = np.matmul(ww[:, None, :], sq)[..., 0, :]

@@ -157,6 +157,7 @@ def test_slacc_historical_entropy_and_schedule():
 def test_slacc_bits_parameter_sets_the_ceiling():
     c = codecs.get("slacc", bits=4)
     assert c.params["max_bits"] == 4 and c.params["min_bits"] == 2
+    assert codecs.get("slacc", **c.params).params == c.params  # the settings round-trip
     assert codecs.get("slacc", bits=1).params["min_bits"] == 1
     with pytest.raises(ValueError, match="max_bits"):
         codecs.get("slacc", bits=4, max_bits=6)
