@@ -67,13 +67,19 @@ class Partition(click.ParamType):
               help="Seconds before a request is retried (with backoff, same step id).")
 @click.option("--give-up", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds without an answer after which edge-train stops with an error.")
+@click.option("--bandwidth", default=None, metavar="RATE",
+              help="Emulate an access link of this rate both ways, e.g. 10mbit (see --uplink/--downlink).")
+@click.option("--uplink", default=None, metavar="RATE", help="Emulated uplink rate (edge -> cloud), e.g. 5mbit.")
+@click.option("--downlink", default=None, metavar="RATE", help="Emulated downlink rate (cloud -> edge).")
+@click.option("--latency", default="0ms", show_default=True, metavar="DURATION",
+              help="Emulated one-way latency, e.g. 20ms.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; log lines otherwise].")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between log lines when there is no progress bar.")
 def main(artifacts, connect, data, client_id, num_clients, partition, epochs, steps, batch_size, eval_every,
          eval_samples, eval_batch_size, summary, lr, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, threads,
-         request_timeout, give_up, progress, log_every):
+         request_timeout, give_up, bandwidth, uplink, downlink, latency, progress, log_every):
     """Train the edge half of split learning with ONNX Runtime.
 
     \b
@@ -96,6 +102,18 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         raise click.BadParameter(f"must be below --num-clients ({num_clients})", param_hint="--client-id")
     if resume and not checkpoint_dir:
         raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
+    from ..shaping import parse_duration, parse_rate
+
+    link = {}
+    for hint, value in (("--uplink", uplink or bandwidth), ("--downlink", downlink or bandwidth)):
+        try:
+            link[hint] = parse_rate(value) if value else None
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=hint if value is not bandwidth else "--bandwidth") from None
+    try:
+        latency_s = parse_duration(latency)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--latency") from None
     cfg = EdgeConfig(
         artifacts=artifacts, connect=connect, data=data, client_id=client_id, num_clients=num_clients,
         partition=partition, epochs=epochs or (None if steps else 1), steps=steps, batch_size=batch_size,
@@ -103,7 +121,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume,
         threads=threads or None, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
-        log_every=log_every,
+        log_every=log_every, uplink_bps=link["--uplink"], downlink_bps=link["--downlink"], latency_s=latency_s,
     )
     import logging
     import os

@@ -33,6 +33,7 @@ import zmq
 from .. import codecs as sc
 from .. import protocol as P
 from ..fsutil import CheckpointDir, atomic_write_json
+from ..shaping import Link
 from ..transport import client_socket
 from . import data as D
 
@@ -74,6 +75,9 @@ class EdgeConfig:
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
     log_every: int = 50
     profile: str | None = None
+    uplink_bps: float | None = None  # emulated access link (see splitedge.shaping); None: unlimited
+    downlink_bps: float | None = None
+    latency_s: float = 0.0
 
 
 @dataclass
@@ -131,7 +135,10 @@ class EdgeClient:
         self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
-        self.ep = client_socket(self.ctx, cfg.connect, self.identity)
+        self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
+        if self.link.active:
+            log.info("emulated link: %s", self.link.describe())
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link)
         self.fwd_codec: Any = None
         self.settings: dict[str, Any] = {}
         self.fedavg_every = 0
@@ -391,6 +398,7 @@ class EdgeClient:
             "codec": self.settings.get("codec"), "grad_codec": self.settings.get("grad_codec"),
             "fedavg_every": self.fedavg_every, "model": self.manifest.model, "cut": self.manifest.cut,
             "lr": self.model.lr, "evals": self.progress.evals, "timings": med,
+            "link": self.link.describe() if self.link.active else None,
             "train_accuracy": self.train_correct / max(1, self.train_seen),
         }
 

@@ -32,17 +32,24 @@ class Counters:
 
 
 class Endpoint:
-    """One socket plus byte counters. ``send``/``recv`` take and return lists of frames."""
+    """One socket plus byte counters. ``send``/``recv`` take and return lists of frames.
 
-    def __init__(self, sock: zmq.Socket, *, router: bool):
+    An optional :class:`splitedge.shaping.Link` delays sends and receives as an
+    emulated rate-limited, high-latency link would (the edge's access link).
+    """
+
+    def __init__(self, sock: zmq.Socket, *, router: bool, link: Any = None):
         self.sock = sock
         self.router = router
+        self.link = link if link is not None and link.active else None
         self.counters = Counters()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
     def send(self, frames: list[Any], identity: bytes | None = None) -> int:
         n = sum(frame_len(f) for f in frames)
+        if self.link is not None:
+            self.link.before_send(n)
         parts = ([identity] if self.router else []) + list(frames)
         self.sock.send_multipart(parts, copy=False)
         self.counters.bytes_out += n
@@ -58,7 +65,10 @@ class Endpoint:
         if self.router:
             identity = parts[0].bytes
             parts = parts[1:]
-        self.counters.bytes_in += sum(frame_len(f) for f in parts)
+        n = sum(frame_len(f) for f in parts)
+        if self.link is not None:
+            self.link.after_recv(n)
+        self.counters.bytes_in += n
         self.counters.messages_in += 1
         return identity, parts
 
@@ -83,7 +93,7 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
 
 
 def client_socket(ctx: zmq.Context, connect: str, identity: bytes,
-                  *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Endpoint:
+                  *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, link: Any = None) -> Endpoint:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, identity)
@@ -95,7 +105,7 @@ def client_socket(ctx: zmq.Context, connect: str, identity: bytes,
     except zmq.ZMQError as e:
         sock.close(linger=0)
         raise OSError(f"cannot connect to {connect}: {e}") from None
-    return Endpoint(sock, router=False)
+    return Endpoint(sock, router=False, link=link)
 
 
 def monotonic_ms() -> float:
