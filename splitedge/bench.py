@@ -8,6 +8,7 @@ from .cli import LazyGroup
 
 BENCHMARKS: dict[str, str] = {
     "codecs": "splitedge.codecs.bench:main",
+    "step": "splitedge.runtime_edge.bench:main",
 }
 
 

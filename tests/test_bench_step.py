@@ -1,0 +1,33 @@
+"""`splitedge bench step` runs on a fresh install and reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from helpers import bin_path
+
+
+def test_bench_step_prints_and_writes_json(tmp_path):
+    out = tmp_path / "step.json"
+    res = subprocess.run(
+        [bin_path("splitedge"), "bench", "step", "--repeat", "2", "--codecs", "uq,sgq", "--shapes", "1x28x28",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "edge step on ORT" in res.stdout and "ORT / torch" in res.stdout
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    assert r["input_shape"] == [1, 28, 28] and r["activation_shape"] == [32, 64, 14, 14]
+    assert r["ort_step_ms"] > 0 and r["torch_step_ms"] > 0
+    assert abs(r["ort_over_torch"] - r["ort_step_ms"] / r["torch_step_ms"]) < 0.01
+    assert [c["codec"] for c in r["codecs"]] == ["uq", "sgq"]
+    for c in r["codecs"]:
+        assert abs(c["encode_share"] - c["encode_ms"] / r["ort_step_ms"]) < 1e-3
+        assert c["compression_vs_fp32"] > 5
+
+
+def test_bench_step_rejects_bad_shapes():
+    res = subprocess.run([bin_path("splitedge"), "bench", "step", "--shapes", "28x28"], capture_output=True, text=True)
+    assert res.returncode == 2 and "CxHxW" in res.stderr
