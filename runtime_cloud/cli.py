@@ -89,10 +89,15 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--log-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="Log a progress line every N server steps (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True, help="torch seed.")
+@click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
+              help="The cloud's CurveZMQ key pair (server.key_secret from `splitedge keys generate`): encrypt "
+                   "all traffic and admit only --authorized-clients.")
+@click.option("--authorized-clients", type=click.Path(file_okay=False), default=None,
+              help="Directory of the public keys (*.key) of the edges allowed to join.")
 def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_codec_param, calibration,
          optimizer, lr, momentum, weight_decay, device, threads, fedavg_every, checkpoint_dir, checkpoint_every,
          keep_checkpoints, resume, metrics, client_timeout, max_message_mb, max_client_errors, expect_clients, exit_when_done,
-         log_every, seed):
+         log_every, seed, curve_secret, authorized_clients):
     """Serve the cloud half of split training to many edge clients.
 
     \b
@@ -126,6 +131,8 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
                                "--grad-codec-param", "--grad-bits")
     if resume and not checkpoint_dir:
         raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
+    if bool(curve_secret) != bool(authorized_clients):
+        raise click.BadParameter("--curve-secret and --authorized-clients go together", param_hint="--curve-secret")
     if exit_when_done and not expect_clients:
         raise click.BadParameter("--exit-when-done needs --expect-clients", param_hint="--exit-when-done")
     if threads:
@@ -142,6 +149,7 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         keep_checkpoints=keep_checkpoints, resume=resume, metrics=metrics, client_timeout_s=client_timeout,
         max_message_bytes=int(max_message_mb * 1024 * 1024), max_client_errors=max_client_errors,
         expect_clients=expect_clients, exit_when_done=exit_when_done, log_every=log_every, seed=seed,
+        curve_secret=curve_secret, authorized_clients=authorized_clients,
     )
     try:
         rc = serve(cfg)

@@ -25,6 +25,7 @@ import zmq
 
 from .. import codecs as sc
 from .. import protocol as P
+from .. import security
 from ..export import manifest as mf
 from ..fsutil import CheckpointDir, atomic_write_json
 from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
@@ -59,6 +60,8 @@ class ServeConfig:
     exit_when_done: bool = False
     log_every: int = 50
     seed: int = 0
+    curve_secret: str | None = None  # the cloud's .key_secret (CurveZMQ); with authorized_clients
+    authorized_clients: str | None = None  # directory of the admitted edges' public .key files
 
 
 @dataclass
@@ -137,7 +140,21 @@ class CloudServer:
         if cfg.resume:
             self._resume()
         self.ctx = zmq.Context.instance()
-        self.ep = server_socket(self.ctx, cfg.bind, max_message_bytes=cfg.max_message_bytes)
+        self.auth = None
+        curve = None
+        if cfg.curve_secret or cfg.authorized_clients:
+            if not (cfg.curve_secret and cfg.authorized_clients):
+                raise ValueError("--curve-secret and --authorized-clients go together")
+            curve = security.server_config(cfg.curve_secret, cfg.authorized_clients)
+            self.auth = security.start_authenticator(self.ctx, curve)
+        elif not security.is_loopback_endpoint(cfg.bind):
+            log.warning(
+                "listening on %s WITHOUT encryption or authentication: anyone who can reach this port can join the "
+                "training, read activations and gradients, and send messages. Fine on a trusted lab network; "
+                "otherwise create keys with `splitedge keys generate` and pass --curve-secret/--authorized-clients.",
+                cfg.bind,
+            )
+        self.ep = server_socket(self.ctx, cfg.bind, max_message_bytes=cfg.max_message_bytes, curve=curve)
 
     # ------------------------------------------------------------------ settings
 
@@ -169,9 +186,9 @@ class CloudServer:
                 pass
         s = self.codec_settings()
         log.info(
-            "serving %s cut %d (activation %s) on %s; codec %s %s, gradients %s %s; server %s lr %g",
+            "serving %s cut %d (activation %s) on %s%s; codec %s %s, gradients %s %s; server %s lr %g",
             self.manifest.model, self.manifest.cut, "x".join(map(str, self.manifest.activation_shape)), self.cfg.bind,
-            s["codec"]["name"], s["codec"]["params"], s["grad_codec"]["name"], s["grad_codec"]["params"],
+            " (CURVE: encrypted, authorized keys only)" if self.auth is not None else "", s["codec"]["name"], s["codec"]["params"], s["grad_codec"]["name"], s["grad_codec"]["params"],
             self.cfg.optimizer, self.cfg.lr,
         )
         self.metrics.write("start", session=self.session_id, bind=self.cfg.bind, **s,
@@ -216,6 +233,8 @@ class CloudServer:
                            bytes_in=self.ep.counters.bytes_in, bytes_out=self.ep.counters.bytes_out)
         self.metrics.close()
         self.ep.close(linger_ms=500)
+        if self.auth is not None:
+            self.auth.stop()
         log.info("stopped after %d server steps", self.server_step)
         return rc
 

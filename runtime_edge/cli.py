@@ -53,7 +53,8 @@ class Partition(click.ParamType):
               help="Write a JSON summary (accuracy, steps, samples, bytes sent/received, wall time, codec) here.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Edge learning rate [default: the one in the manifest].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the partition and the batch order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the partition and the batch order.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Where to keep edge checkpoints (ORT checkpoint + position in the shard).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
@@ -73,13 +74,18 @@ class Partition(click.ParamType):
 @click.option("--downlink", default=None, metavar="RATE", help="Emulated downlink rate (cloud -> edge).")
 @click.option("--latency", default="0ms", show_default=True, metavar="DURATION",
               help="Emulated one-way latency, e.g. 20ms.")
+@click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
+              help="This edge's CurveZMQ key pair (client-<i>.key_secret from `splitedge keys generate`).")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None,
+              help="The cloud's public key (server.key); with --curve-secret, traffic is encrypted.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; log lines otherwise].")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between log lines when there is no progress bar.")
 def main(artifacts, connect, data, client_id, num_clients, partition, epochs, steps, batch_size, eval_every,
          eval_samples, eval_batch_size, summary, lr, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, threads,
-         request_timeout, give_up, bandwidth, uplink, downlink, latency, progress, log_every):
+         request_timeout, give_up, bandwidth, uplink, downlink, latency, curve_secret, server_key, progress,
+         log_every):
     """Train the edge half of split learning with ONNX Runtime.
 
     \b
@@ -102,6 +108,8 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         raise click.BadParameter(f"must be below --num-clients ({num_clients})", param_hint="--client-id")
     if resume and not checkpoint_dir:
         raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
+    if bool(curve_secret) != bool(server_key):
+        raise click.BadParameter("--curve-secret and --server-key go together", param_hint="--curve-secret")
     from ..shaping import parse_duration, parse_rate
 
     link = {}
@@ -122,6 +130,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         keep_checkpoints=keep_checkpoints, resume=resume,
         threads=threads or None, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
         log_every=log_every, uplink_bps=link["--uplink"], downlink_bps=link["--downlink"], latency_s=latency_s,
+        curve_secret=curve_secret, server_key=server_key,
     )
     import logging
     import os

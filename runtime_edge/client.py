@@ -32,6 +32,7 @@ import zmq
 
 from .. import codecs as sc
 from .. import protocol as P
+from .. import security
 from ..fsutil import CheckpointDir, atomic_write_json
 from ..shaping import Link
 from ..transport import client_socket
@@ -78,6 +79,8 @@ class EdgeConfig:
     uplink_bps: float | None = None  # emulated access link (see splitedge.shaping); None: unlimited
     downlink_bps: float | None = None
     latency_s: float = 0.0
+    curve_secret: str | None = None  # this edge's .key_secret (CurveZMQ)
+    server_key: str | None = None  # the cloud's public server.key
 
 
 @dataclass
@@ -138,7 +141,15 @@ class EdgeClient:
         self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
         if self.link.active:
             log.info("emulated link: %s", self.link.describe())
-        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link)
+        curve = None
+        if cfg.curve_secret or cfg.server_key:
+            if not (cfg.curve_secret and cfg.server_key):
+                raise EdgeError("--curve-secret and --server-key go together")
+            try:
+                curve = security.client_config(cfg.curve_secret, cfg.server_key)
+            except security.KeyFileError as e:
+                raise EdgeError(str(e)) from None
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve)
         self.fwd_codec: Any = None
         self.settings: dict[str, Any] = {}
         self.fedavg_every = 0
@@ -161,21 +172,33 @@ class EdgeClient:
         out = P.pack(type_, header, frames)
         deadline = time.monotonic() + self.cfg.give_up_s
         timeout = self.cfg.request_timeout_s
-        self.progress.bytes_sent += self.ep.send(out)
+        sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
+        self.progress.bytes_sent += sent or 0
         sent_at = time.monotonic()
         last_ping = sent_at
         while True:
             now = time.monotonic()
+            failure = self.ep.handshake_failure()
+            if failure == "auth":
+                raise EdgeError(f"the cloud at {self.cfg.connect} refused this edge's CurveZMQ key: is its public key "
+                                "in the cloud's --authorized-clients directory, and --server-key the cloud's key?")
+            if failure == "protocol":
+                raise EdgeError(f"the handshake with {self.cfg.connect} failed: the cloud and this edge disagree on "
+                                "encryption (a cloud with --curve-secret needs edges with --curve-secret and "
+                                "--server-key, and the other way round)")
             if now > deadline:
                 raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
                                 f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
-            if now - sent_at > timeout:
-                log.warning("no reply to %s after %.1fs: retrying (same step id)", type_.name, now - sent_at)
-                self.progress.bytes_sent += self.ep.send(out)
-                sent_at = now
-                timeout = min(timeout * 2, 120.0)
+            if sent is None or now - sent_at > timeout:
+                if sent is not None:
+                    log.warning("no reply to %s after %.1fs: retrying (same step id)", type_.name, now - sent_at)
+                    timeout = min(timeout * 2, 120.0)
+                if sent is not None or now - sent_at > 0.1:
+                    sent = self.ep.try_send(out)
+                    self.progress.bytes_sent += sent or 0
+                    sent_at = now
             if now - last_ping > self.cfg.heartbeat_s:
-                self.progress.bytes_sent += self.ep.send(P.pack(P.MsgType.PING, {"t": time.time()}))
+                self.progress.bytes_sent += self.ep.try_send(P.pack(P.MsgType.PING, {"t": time.time()})) or 0
                 last_ping = now
             got = self.ep.recv(timeout_ms=100)
             if got is None:

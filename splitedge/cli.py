@@ -18,8 +18,11 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "splitedge.runtime_cloud.cli:main",
     "train": "splitedge.runtime_edge.cli:main",
     "flash": "splitedge.profiles.flash_cli:main",
+    "profiles": "splitedge.profiles.cli:profiles",
     "bench": "splitedge.bench:bench",
     "demo": "splitedge.demo:demo",
+    "experiment": "splitedge.experiment:main",
+    "keys": "splitedge.security:keys",
 }
 
 

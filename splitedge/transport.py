@@ -40,6 +40,8 @@ class Endpoint:
 
     def __init__(self, sock: zmq.Socket, *, router: bool, link: Any = None):
         self.sock = sock
+        self.monitor: zmq.Socket | None = None
+        self._handshake: str | None = None
         self.router = router
         self.link = link if link is not None and link.active else None
         self.counters = Counters()
@@ -72,12 +74,53 @@ class Endpoint:
         self.counters.messages_in += 1
         return identity, parts
 
+    def try_send(self, frames: list[Any]) -> int | None:
+        """Sends without blocking (a DEALER with no connected peer would block): bytes sent, or None."""
+        n = sum(frame_len(f) for f in frames)
+        if self.link is not None:
+            self.link.before_send(n)
+        try:
+            self.sock.send_multipart(list(frames), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        self.counters.bytes_out += n
+        self.counters.messages_out += 1
+        return n
+
+    def handshake_failure(self) -> str | None:
+        """Why the last handshake with the peer failed ("auth", "protocol"), or None (client sockets)."""
+        mon = self.monitor
+        if mon is None:
+            return None
+        from zmq.utils.monitor import recv_monitor_message
+
+        while mon.poll(0):
+            event = recv_monitor_message(mon)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake = "auth"
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._handshake = "protocol"
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake = None
+        return self._handshake
+
     def close(self, linger_ms: int = 0) -> None:
+        mon = self.monitor
+        if mon is not None:
+            self.sock.disable_monitor()
+            mon.close(linger=0)
         self.sock.close(linger=linger_ms)
 
 
-def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Endpoint:
+def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  curve: Any = None) -> Endpoint:
+    """A ROUTER bound to ``bind``; with ``curve`` (:class:`splitedge.security.CurveServer`) a CURVE
+    server whose peers the caller's ZAP handler must authenticate."""
     sock = ctx.socket(zmq.ROUTER)
+    if curve is not None:
+        from .security import apply_server
+
+        apply_server(sock, curve)
     sock.setsockopt(zmq.LINGER, 1000)
     # libzmq drops a peer whose message is over this size before allocating it
     sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
@@ -92,9 +135,19 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
     return Endpoint(sock, router=True)
 
 
-def client_socket(ctx: zmq.Context, connect: str, identity: bytes,
-                  *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, link: Any = None) -> Endpoint:
+def client_socket(ctx: zmq.Context, connect: str, identity: bytes, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  link: Any = None, curve: Any = None) -> Endpoint:
+    """A DEALER connected to ``connect``; with ``curve`` (:class:`splitedge.security.CurveClient`)
+    encrypted. ``Endpoint.handshake_failure()`` tells why the peer refused us, if it did."""
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        from .security import apply_client
+
+        apply_client(sock, curve)
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    )
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
@@ -105,7 +158,9 @@ def client_socket(ctx: zmq.Context, connect: str, identity: bytes,
     except zmq.ZMQError as e:
         sock.close(linger=0)
         raise OSError(f"cannot connect to {connect}: {e}") from None
-    return Endpoint(sock, router=False, link=link)
+    ep = Endpoint(sock, router=False, link=link)
+    ep.monitor = monitor
+    return ep
 
 
 def monotonic_ms() -> float:
