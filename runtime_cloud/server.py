@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ class ServeConfig:
     metrics: str | None = None
     client_timeout_s: float = 60.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_client_errors: int = 20
+    max_client_errors: int = 20  # bad messages from one client within error_window_s before it is dropped
+    error_window_s: float = 60.0
     expect_clients: int = 0
     exit_when_done: bool = False
     log_every: int = 50
@@ -77,7 +79,7 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     done: bool = False
     timed_out: bool = False
-    errors: int = 0
+    errors: deque = field(default_factory=deque)  # times of recent bad messages
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -272,9 +274,14 @@ class CloudServer:
         re = msg.type.name if msg is not None else None  # which request this answers
         self._send(identity, P.MsgType.ERROR, {"code": code, "message": message, "re": re, "step": step, **extra})
         if session is not None and code not in (P.ErrorCode.STALE_STEP,):
-            session.errors += 1
-            if session.errors > self.cfg.max_client_errors:
-                log.warning("client %d sent %d bad messages: disconnected", session.client_id, session.errors)
+            now = time.monotonic()
+            session.errors.append(now)
+            while session.errors and now - session.errors[0] > self.cfg.error_window_s:
+                session.errors.popleft()
+            if len(session.errors) > self.cfg.max_client_errors:
+                log.warning("client %d sent %d bad messages within %.0fs: disconnected", session.client_id,
+                            len(session.errors), self.cfg.error_window_s)
+                self.metrics.write("client_dropped", client=session.client_id, errors=len(session.errors))
                 self._send(identity, P.MsgType.ERROR, {"code": P.ErrorCode.TOO_MANY_ERRORS,
                                                        "message": "too many bad messages; say HELLO again"})
                 self._forget(session)
@@ -389,7 +396,8 @@ class CloudServer:
         }, [blob])
         s.cached = (step, [bytes(f) for f in out])
         self.metrics.write(
-            "step", client=s.client_id, step=step, server_step=self.server_step, n=h["n"], loss=round(res.loss, 6),
+            "step", client=s.client_id, step=step, server_step=self.server_step, session=self.session_id, n=h["n"],
+            loss=round(res.loss, 6),
             correct=res.correct, bytes_in=nbytes, bytes_out=sum(len(f) for f in s.cached[1]),
             payload_in=frame_len(msg.frames[0]), payload_out=len(blob), shape=list(act.shape),
             edge_encode_ms=h["encode_ms"], **timings,
@@ -518,6 +526,10 @@ class CloudServer:
         self.progress = {int(k): dict(v) for k, v in state["clients"].items()}
         log.info("resumed from %s: server step %d, clients %s", path, self.server_step,
                  {k: v["last_step"] for k, v in self.progress.items()})
+        # steps a previous run applied after this checkpoint are gone with it: say so, so that the
+        # metrics can be read exactly (a step in flight at a crash may be applied again here)
+        self.metrics.write("resume", session=self.session_id, checkpoint=str(path), server_step=self.server_step,
+                           clients={str(k): v["last_step"] for k, v in self.progress.items()})
 
 
 def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:
