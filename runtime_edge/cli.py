@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from ..profiles.cli import ProfileParam
+
 
 class UserError(click.ClickException):
     exit_code = 2
@@ -43,7 +45,8 @@ class Partition(click.ParamType):
               help="How the training set is split: iid, or dirichlet:ALPHA (non-IID, seeded).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs over this client's shard [default: 1].")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Train steps instead of --epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch size.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Training batch size (with --profile and no --batch-size: the profile's).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate on the test split every N steps (0: only at the end).")
 @click.option("--eval-samples", type=click.IntRange(min=0), default=0, show_default=True,
@@ -63,7 +66,10 @@ class Partition(click.ParamType):
               help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads (0: ORT's default).")
+              help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
+@click.option("--profile", type=ProfileParam(as_string=True), default=None,
+              help="Device profile, a name from `splitedge profiles list` or a profile file: execution providers "
+                   "for the forward-only graph and for training, threads, default batch size.")
 @click.option("--timeout", "request_timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request is retried (with backoff, same step id).")
 @click.option("--give-up", type=click.FloatRange(min=1), default=300.0, show_default=True,
@@ -84,7 +90,7 @@ class Partition(click.ParamType):
               help="Steps between log lines when there is no progress bar.")
 def main(artifacts, connect, data, client_id, num_clients, partition, epochs, steps, batch_size, eval_every,
          eval_samples, eval_batch_size, summary, lr, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, threads,
-         request_timeout, give_up, bandwidth, uplink, downlink, latency, curve_secret, server_key, progress,
+         profile, request_timeout, give_up, bandwidth, uplink, downlink, latency, curve_secret, server_key, progress,
          log_every):
     """Train the edge half of split learning with ONNX Runtime.
 
@@ -122,13 +128,20 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         latency_s = parse_duration(latency)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--latency") from None
+    if profile is not None:  # the profile's threads and batch size, unless given on the command line
+        ctx = click.get_current_context()
+        default = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+        threads = threads if ctx.get_parameter_source("threads") not in default else None
+        batch_size = batch_size if ctx.get_parameter_source("batch_size") not in default else None
+    else:
+        threads = threads or None
     cfg = EdgeConfig(
         artifacts=artifacts, connect=connect, data=data, client_id=client_id, num_clients=num_clients,
         partition=partition, epochs=epochs or (None if steps else 1), steps=steps, batch_size=batch_size,
         eval_every=eval_every, eval_samples=eval_samples, eval_batch_size=eval_batch_size, summary=summary, lr=lr,
         seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume,
-        threads=threads or None, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
+        threads=threads, profile=profile, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
         log_every=log_every, uplink_bps=link["--uplink"], downlink_bps=link["--downlink"], latency_s=latency_s,
         curve_secret=curve_secret, server_key=server_key,
     )

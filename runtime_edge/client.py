@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class EdgeConfig:
     partition: str = "iid"
     epochs: int | None = 1
     steps: int | None = None
-    batch_size: int = 32
+    batch_size: int | None = 32  # None: the profile's batch size (32 without a profile)
     eval_every: int = 0
     eval_samples: int = 0  # 0: the whole test split
     eval_batch_size: int = 256
@@ -75,7 +75,7 @@ class EdgeConfig:
     heartbeat_s: float = 2.0
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
     log_every: int = 50
-    profile: str | None = None
+    profile: str | None = None  # a device profile's name or file: providers, device, threads, batch size
     uplink_bps: float | None = None  # emulated access link (see splitedge.shaping); None: unlimited
     downlink_bps: float | None = None
     latency_s: float = 0.0
@@ -100,6 +100,7 @@ class EdgeClient:
     def __init__(self, cfg: EdgeConfig):
         from .ort_backend import EdgeModel
 
+        cfg, self.provider_choice = _apply_profile(cfg)
         self.cfg = cfg
         if cfg.num_clients < 1 or not 0 <= cfg.client_id < cfg.num_clients:
             raise EdgeError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
@@ -423,7 +424,28 @@ class EdgeClient:
             "lr": self.model.lr, "evals": self.progress.evals, "timings": med,
             "link": self.link.describe() if self.link.active else None,
             "train_accuracy": self.train_correct / max(1, self.train_seen),
+            "profile": self.cfg.profile,
+            "providers": self.provider_choice.sentence if self.provider_choice is not None else None,
         }
+
+
+def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
+    """--profile: its providers and training device, and its threads and batch size where the
+    config leaves them None (not given). Logs the choice once, in plain words."""
+    if not cfg.profile:
+        return (replace(cfg, batch_size=32) if cfg.batch_size is None else cfg), None
+    from ..profiles import ProfileError, edge_settings
+    from .ort_backend import available_providers
+
+    try:
+        s = edge_settings(cfg.profile, available_providers(), threads=cfg.threads, batch_size=cfg.batch_size,
+                          artifacts_dir=cfg.artifacts)
+    except ProfileError as e:
+        raise EdgeError(str(e)) from None
+    log.info("profile %s: %s", s.profile.name, s.sentence)
+    return replace(cfg, device=s.device, threads=s.threads, batch_size=s.batch_size,
+                   inference_providers=s.inference_providers,
+                   inference_provider_options=s.inference_provider_options), s.choice
 
 
 class RemoteError(Exception):

@@ -1,0 +1,342 @@
+"""Device profiles: the shipped files, strict validation, provider selection, the CLIs, edge-train --profile."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitedge import launch
+from splitedge import profiles as P
+from splitedge.profiles import schema
+
+from helpers import bin_path
+
+SHIPPED = ("atlas-200dk", "cpu", "jetson-nano", "jetson-orin-nano", "raspberry-pi-4")
+CPU, CUDA, TRT, CANN = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                        "CANNExecutionProvider")
+SYNTH = "synthetic:n=256,classes=10,shape=1x28x28,seed=0"
+
+
+@pytest.fixture(scope="module")
+def art(exported):
+    return exported("resnet18", 3, input_shape=(1, 28, 28))
+
+
+def nano_text() -> str:
+    return (schema.PROFILE_DIR / "jetson-nano.toml").read_text()
+
+
+def write(tmp_path: Path, text: str, name: str = "board.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ------------------------------------------------------------------------------------- shipped files
+
+def test_every_shipped_profile_validates():
+    assert tuple(P.shipped()) == SHIPPED
+    for name in SHIPPED:
+        p = P.load(name)
+        assert p.name == name and p.schema_version == 1
+        assert p.forward[-1] == CPU and p.training[-1] == CPU
+        assert set(p.training) <= {CUDA, CPU}
+        assert p.description and p.ort.origin and p.board.python == "3.11"
+        assert (p.ort.source == "pypi") == (name == "cpu")
+        if p.ort.source == "source":
+            assert "--enable_training_apis" in p.ort.build and "--build_wheel" in p.ort.build
+        assert p.to_dict()["providers"]["forward"] == list(p.forward)
+    assert TRT in P.load("jetson-nano").forward and "--use_tensorrt" in P.load("jetson-nano").ort.build
+    assert P.load("jetson-nano").tensorrt == schema.TensorRTOptions(fp16=True, engine_cache=True,
+                                                                     engine_cache_dir="trt-engines")
+    assert P.load("atlas-200dk").forward == (CANN, CPU) and "--use_cann" in P.load("atlas-200dk").ort.build
+    assert P.load("cpu").ort.requirements == ("onnxruntime-training-cpu==1.19.2", "torch==2.13.0")
+
+
+def test_profiles_are_frozen():
+    p = P.load("cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.name = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.runtime.threads = 3  # type: ignore[misc]
+
+
+def test_known_provider_names_are_ort_s_full_list():
+    import onnxruntime as ort
+
+    assert schema.ORT_PROVIDERS == tuple(ort.get_all_providers())
+
+
+def test_a_user_profile_file_loads_by_path(tmp_path):
+    path = write(tmp_path, nano_text().replace('name = "jetson-nano"', 'name = "my-nano"')
+                 .replace("batch_size = 16", "batch_size = 8"))
+    p = P.load(str(path))
+    assert p.name == "my-nano" and p.runtime.batch_size == 8 and p.path == str(path)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+BAD = [
+    # (id, transform of jetson-nano.toml, key named, fragment of the message)
+    ("unknown-top-key", lambda t: t.replace("schema_version = 1", 'schema_version = 1\ncolour = "red"'),
+     "colour", "unknown key"),
+    ("unknown-table-key", lambda t: t.replace("fp16 = true", "fp16 = true\nfp17 = true"),
+     "tensorrt.fp17", "allowed: fp16, engine_cache, engine_cache_dir"),
+    ("unknown-table", lambda t: t + "\n[gpu]\nx = 1\n", "gpu", "unknown key"),
+    ("bad-provider", lambda t: t.replace('forward = ["TensorrtExecutionProvider"', 'forward = ["TensorRTProvider"'),
+     "providers.forward", "'TensorRTProvider'"),
+    ("training-tensorrt", lambda t: t.replace('training = ["CUDAExecutionProvider"', 'training = ["TensorrtExecutionProvider"'),
+     "providers.training", "allowed: CUDAExecutionProvider, CPUExecutionProvider"),
+    ("training-cann", lambda t: t.replace('training = ["CUDAExecutionProvider", "CPUExecutionProvider"]',
+                                          'training = ["CANNExecutionProvider", "CPUExecutionProvider"]'),
+     "providers.training", "training API runs on cpu or cuda only"),
+    ("no-cpu-fallback", lambda t: t.replace('"CUDAExecutionProvider", "CPUExecutionProvider"]\ntraining',
+                                            '"CUDAExecutionProvider"]\ntraining'),
+     "providers.forward", "must end with CPUExecutionProvider"),
+    ("cpu-not-last", lambda t: t.replace('training = ["CUDAExecutionProvider", "CPUExecutionProvider"]',
+                                         'training = ["CPUExecutionProvider", "CUDAExecutionProvider"]'),
+     "providers.training", "must end with CPUExecutionProvider"),
+    ("duplicate-provider", lambda t: t.replace('training = ["CUDAExecutionProvider", "CPUExecutionProvider"]',
+                                               'training = ["CPUExecutionProvider", "CPUExecutionProvider"]'),
+     "providers.training", "twice"),
+    ("threads-string", lambda t: t.replace("threads = 4", 'threads = "4"'), "runtime.threads", "must be an integer"),
+    ("threads-negative", lambda t: t.replace("threads = 4", "threads = -1"), "runtime.threads", "must be >= 0"),
+    ("batch-bool", lambda t: t.replace("batch_size = 16", "batch_size = true"), "runtime.batch_size",
+     "must be an integer"),
+    ("batch-zero", lambda t: t.replace("batch_size = 16", "batch_size = 0"), "runtime.batch_size", ">= 1"),
+    ("fp16-string", lambda t: t.replace("fp16 = true ", 'fp16 = "yes" '), "tensorrt.fp16", "must be true or false"),
+    ("device-negative", lambda t: t.replace("device_id = 0", "device_id = -2"), "cuda.device_id", ">= 0"),
+    ("schema-version", lambda t: t.replace("schema_version = 1", "schema_version = 2"), "schema_version",
+     "not supported"),
+    ("missing-runtime", lambda t: t[:t.index("[runtime]")], "runtime", "is missing"),
+    ("missing-memory", lambda t: t.replace("memory_budget_mb = 2500", ""), "runtime.memory_budget_mb", "is missing"),
+    ("bad-arch", lambda t: t.replace('arch = "aarch64"', 'arch = "armv7l"'), "board.arch", "allowed: x86_64, aarch64"),
+    ("bad-python", lambda t: t.replace('python = "3.11"', 'python = "3"'), "board.python", '"3.N"'),
+    ("bad-name", lambda t: t.replace('name = "jetson-nano"', 'name = "Jetson Nano"'), "name", "not a valid"),
+    ("section-without-provider", lambda t: t + "\n[cann]\ndevice_id = 0\n", "cann", "CANNExecutionProvider is not in"),
+    ("source-without-build", lambda t: re.sub(r'build = ".*"', 'build = ""', t), "ort.build", "build command"),
+    ("bad-version", lambda t: t.replace('version = "1.19.2"', 'version = "latest"'), "ort.version", "X.Y.Z"),
+]
+
+
+@pytest.mark.parametrize("transform,key,fragment", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_profiles_raise_profile_error_naming_file_and_key(tmp_path, transform, key, fragment):
+    text = transform(nano_text())
+    assert text != nano_text()
+    path = write(tmp_path, text)
+    with pytest.raises(P.ProfileError) as ei:
+        P.load(path)
+    e = ei.value
+    assert isinstance(e, ValueError)
+    assert e.key == key, str(e)
+    msg = str(e)
+    assert str(path) in msg and f"key '{key}'" in msg and fragment in msg, msg
+
+
+def test_bad_provider_message_shows_allowed_and_received(tmp_path):
+    path = write(tmp_path, nano_text().replace('forward = ["TensorrtExecutionProvider"', 'forward = ["TensorRT"'))
+    with pytest.raises(P.ProfileError) as ei:
+        P.load(path)
+    msg = str(ei.value)
+    assert "entry 0 is not an ONNX Runtime execution provider" in msg and msg.endswith("got 'TensorRT'")
+    assert "CANNExecutionProvider" in msg  # the allowed list is ORT's
+
+
+def test_not_toml_unknown_name_and_missing_file(tmp_path):
+    with pytest.raises(P.ProfileError, match="not valid TOML"):
+        P.load(write(tmp_path, "schema_version = = 1"))
+    with pytest.raises(P.ProfileError, match="no profile named 'jetson-nan'; shipped profiles: atlas-200dk, cpu"):
+        P.load("jetson-nan")
+    with pytest.raises(P.ProfileError, match="does not exist"):
+        P.load(tmp_path / "nope.toml")
+
+
+# ------------------------------------------------------------------------------------- selection
+
+def test_selection_against_the_providers_ort_really_reports(art):
+    from splitedge.runtime_edge.ort_backend import EdgeModel, available_providers
+
+    avail = available_providers()
+    c = P.select_providers(P.load("jetson-nano"), avail, artifacts_dir=art)
+    if TRT in avail or CUDA in avail:
+        pytest.skip(f"this machine's ORT has GPU providers ({avail}); the CPU-only expectations do not apply")
+    assert avail == [CPU]
+    assert c.inference_providers == (CPU,) and c.training_device == "cpu"
+    assert c.sentence == "forward: CPU (TensorRT, CUDA not available); training: CPU (CUDA not available)"
+    assert c.engine_cache_dir is None
+    # the session ORT builds with that choice really runs on it
+    m = EdgeModel(art, device=c.training_device, inference_providers=list(c.inference_providers),
+                  inference_provider_options=[dict(o) for o in c.inference_provider_options])
+    assert m.inference_providers_in_use == [CPU]
+    assert P.select_providers(P.load("cpu"), avail).sentence == "forward: CPU; training: CPU"
+    assert P.select_providers(P.load("atlas-200dk"), avail).sentence == "forward: CPU (CANN not available); training: CPU"
+
+
+SYNTHETIC = [
+    ("jetson-nano", [TRT, CUDA, CPU], (TRT, CUDA, CPU), "cuda", "forward: TensorRT fp16; training: CUDA"),
+    ("jetson-nano", [CPU, CUDA, TRT], (TRT, CUDA, CPU), "cuda", "forward: TensorRT fp16; training: CUDA"),
+    ("jetson-nano", [TRT, CPU], (TRT, CPU), "cpu", "forward: TensorRT fp16; training: CPU (CUDA not available)"),
+    ("jetson-nano", [CUDA, CPU], (CUDA, CPU), "cuda", "forward: CUDA (TensorRT not available); training: CUDA"),
+    ("jetson-orin-nano", [CPU], (CPU,), "cpu",
+     "forward: CPU (TensorRT, CUDA not available); training: CPU (CUDA not available)"),
+    ("atlas-200dk", [CANN, CPU], (CANN, CPU), "cpu", "forward: CANN; training: CPU"),
+    ("atlas-200dk", [TRT, CUDA, CANN, CPU], (CANN, CPU), "cpu", "forward: CANN; training: CPU"),
+    ("cpu", [TRT, CUDA, CANN, CPU], (CPU,), "cpu", "forward: CPU; training: CPU"),
+    ("raspberry-pi-4", ["XnnpackExecutionProvider", CPU], (CPU,), "cpu", "forward: CPU; training: CPU"),
+]
+
+
+@pytest.mark.parametrize("name,avail,providers,device,sentence", SYNTHETIC)
+def test_selection_is_a_pure_function_of_profile_and_available(name, avail, providers, device, sentence, tmp_path):
+    c = P.select_providers(P.load(name), avail, artifacts_dir=tmp_path / "art")
+    assert c.inference_providers == providers
+    assert c.training_device == device
+    assert c.sentence == sentence
+    assert len(c.inference_provider_options) == len(providers)
+    opts = dict(zip(c.inference_providers, c.inference_provider_options))
+    if TRT in opts:
+        assert opts[TRT] == {"device_id": "0", "trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
+                             "trt_engine_cache_path": str(tmp_path / "art" / "trt-engines")}
+        assert c.engine_cache_dir == str(tmp_path / "art" / "trt-engines")
+    else:
+        assert c.engine_cache_dir is None
+    if CANN in opts:
+        assert opts[CANN] == {"device_id": "0"}
+    assert opts[CPU] == {}
+    assert not (tmp_path / "art").exists()  # pure: creates nothing
+
+
+def test_selection_options_follow_the_profile(tmp_path):
+    text = (nano_text().replace("fp16 = true ", "fp16 = false ").replace("engine_cache = true", "engine_cache = false")
+            .replace("device_id = 0", "device_id = 1"))
+    p = P.load(write(tmp_path, text))
+    c = P.select_providers(p, [TRT, CUDA, CPU])
+    assert c.sentence == "forward: TensorRT; training: CUDA"
+    assert c.training_device == "cuda:1"
+    assert c.inference_provider_options[0] == {"device_id": "1", "trt_fp16_enable": "False",
+                                               "trt_engine_cache_enable": "False"}
+    assert c.inference_provider_options[1] == {"device_id": "1"}
+    assert c.engine_cache_dir is None
+    # an absolute engine cache directory stays where it is
+    p2 = P.load(write(tmp_path, nano_text().replace('engine_cache_dir = "trt-engines"',
+                                                    f'engine_cache_dir = "{tmp_path / "engines"}"'), "abs.toml"))
+    assert P.select_providers(p2, [TRT, CPU], artifacts_dir="/elsewhere").engine_cache_dir == str(tmp_path / "engines")
+
+
+def test_edge_settings_explicit_values_win_and_engine_cache_is_created(tmp_path):
+    s = P.edge_settings("jetson-nano", [TRT, CUDA, CPU], threads=None, batch_size=None, artifacts_dir=tmp_path)
+    assert (s.threads, s.batch_size, s.device) == (4, 16, "cuda")
+    assert (tmp_path / "trt-engines").is_dir()
+    s = P.edge_settings("jetson-nano", [CPU], threads=2, batch_size=64, artifacts_dir=tmp_path / "x")
+    assert (s.threads, s.batch_size, s.device, s.inference_providers) == (2, 64, "cpu", [CPU])
+    assert not (tmp_path / "x").exists()  # no TensorRT, no cache directory
+    assert P.edge_settings("cpu", [CPU], threads=None, batch_size=None).threads is None  # 0: ORT's default
+
+
+# ------------------------------------------------------------------------------------- CLIs
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_splitedge_profiles_list_and_show(tmp_path):
+    r = run(bin_path("splitedge"), "profiles", "list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == list(SHIPPED)
+    assert "forward TensorRT>CUDA>CPU" in next(ln for ln in lines if ln.startswith("jetson-nano "))
+
+    r = run(bin_path("splitedge"), "profiles", "show", "jetson-nano")
+    assert r.returncode == 0, r.stderr
+    assert 'name = "jetson-nano"' in r.stdout and "TensorrtExecutionProvider" in r.stdout
+
+    r = run(bin_path("splitedge"), "profiles", "show", "atlas-200dk", "--json", "--here")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["name"] == "atlas-200dk" and d["cann"] == {"device_id": 0}
+    assert d["here"]["sentence"].startswith("forward: ")
+
+    bad = write(tmp_path, nano_text().replace("threads = 4", "threads = -1"))
+    r = run(bin_path("splitedge"), "profiles", "show", str(bad))
+    assert r.returncode == 2 and "runtime.threads" in r.stderr and "got -1" in r.stderr
+    r = run(bin_path("splitedge"), "profiles", "show", "nope")
+    assert r.returncode == 2 and "no profile named 'nope'" in r.stderr
+
+
+def test_help_of_flash_board_and_edge_train():
+    r = run(bin_path("flash-board"), "--help")
+    assert r.returncode == 0, r.stderr
+    for opt in ("--profile", "--artifacts", "--host", "--port", "--identity", "--remote-dir", "--dry-run",
+                "--bundle-only", "--remote-python", "--install-deps"):
+        assert opt in r.stdout
+    r = run(bin_path("splitedge"), "flash", "--help")
+    assert r.returncode == 0 and "--bundle-only" in r.stdout
+    r = run(bin_path("edge-train"), "--help")
+    assert r.returncode == 0 and "--profile" in r.stdout
+    r = run(bin_path("edge-train"), "--artifacts", "x", "--profile", "jetson-nan")
+    assert r.returncode == 2 and "no profile named 'jetson-nan'" in r.stderr
+
+
+def test_profiles_package_is_light():
+    code = ("import sys, splitedge.profiles, splitedge.profiles.cli, splitedge.profiles.flash_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnxruntime', 'torch', 'numpy'}))")
+    r = run(sys.executable, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------- edge-train --profile
+
+def test_edge_client_applies_the_profile(art, caplog):
+    from splitedge.runtime_edge.client import EdgeClient, EdgeConfig
+
+    port = launch.free_port()
+    caplog.set_level(logging.INFO, logger="edge-train")
+    cfg = EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH, profile="jetson-nano",
+                     batch_size=None, threads=None)
+    client = EdgeClient(cfg)
+    try:
+        assert client.cfg.batch_size == 16 and client.cfg.threads == 4 and client.cfg.device == "cpu"
+        assert client.cfg.inference_providers == [CPU]
+        assert client.model._options.intra_op_num_threads == 4
+        assert client.model.inference_providers_in_use == [CPU]
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profile ")]
+        assert said == ["profile jetson-nano: forward: CPU (TensorRT, CUDA not available); "
+                        "training: CPU (CUDA not available)"]
+    finally:
+        client.ep.close(linger_ms=0)
+    client = EdgeClient(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH,
+                                   profile="jetson-nano", batch_size=8, threads=2))
+    try:
+        assert client.cfg.batch_size == 8 and client.cfg.threads == 2
+    finally:
+        client.ep.close(linger_ms=0)
+    client = EdgeClient(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH,
+                                   batch_size=None))
+    try:
+        assert client.cfg.batch_size == 32 and client.provider_choice is None
+    finally:
+        client.ep.close(linger_ms=0)
+
+
+def test_edge_train_with_a_profile_file_trains_with_its_batch_size(art, tmp_path):
+    prof = write(tmp_path, (schema.PROFILE_DIR / "cpu.toml").read_text()
+                 .replace('name = "cpu"', 'name = "tiny-board"').replace("batch_size = 32", "batch_size = 16")
+                 .replace("threads = 0 ", "threads = 1 "), "tiny-board.toml")
+    spec = launch.RunSpec(workdir=tmp_path / "run", artifacts=art, num_clients=1,
+                          cloud_args=["--codec", "uq", "--bits", "8", "--threads", "1"],
+                          edge_args=["--data", SYNTH, "--steps", "3", "--eval-samples", "32", "--profile", str(prof)],
+                          timeout_s=120)
+    result = launch.run(spec)
+    s = result.summaries[0]
+    assert s["batch_size"] == 16 and s["samples"] == 48 and s["steps"] == 3
+    assert s["profile"] == str(prof) and s["providers"] == "forward: CPU; training: CPU"
+    log = (tmp_path / "run" / "edge-0.log").read_text()
+    assert log.count("profile tiny-board: forward: CPU; training: CPU") == 1
