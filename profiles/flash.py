@@ -152,9 +152,14 @@ def _dir_prelude(remote_dir: str) -> str:
             'case "$d" in /*) ;; *) d="$HOME/$d" ;; esac\n')
 
 
+def _py_prelude(python: str) -> str:
+    """``py`` = the remote Python, with a leading ``~/`` meaning the remote home."""
+    return (f"py={shlex.quote(python)}\n"
+            'case "$py" in "~/"*) py="$HOME/${py#??}" ;; esac\n')
+
+
 def probe_script(remote_dir: str, python: str) -> str:
-    return "set -u\n" + _dir_prelude(remote_dir) + f"""py={shlex.quote(python)}
-echo "dir=$d"
+    return "set -u\n" + _dir_prelude(remote_dir) + _py_prelude(python) + """echo "dir=$d"
 echo "arch=$(uname -m)"
 if command -v "$py" >/dev/null 2>&1; then
   echo "python_path=$(command -v "$py")"
@@ -164,7 +169,7 @@ else
 fi
 if command -v rsync >/dev/null 2>&1; then echo "rsync=yes"; else echo "rsync=no"; fi
 if mkdir -p "$d/releases" 2>/dev/null && [ -w "$d" ]; then echo "writable=yes"; else echo "writable=no"; fi
-df -Pk "$d" 2>/dev/null | awk 'NR==2 {{print "free_kb=" $4}}'
+df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free_kb=" $4}'
 echo "current=$(readlink "$d/current" 2>/dev/null || true)"
 """
 
@@ -195,16 +200,16 @@ fi
 
 
 def deps_script(remote_dir: str, bundle_id: str, python: str) -> str:
-    return "set -eu\n" + _dir_prelude(remote_dir) + (
+    return "set -eu\n" + _dir_prelude(remote_dir) + _py_prelude(python) + (
         f'cd "$d/releases/{bundle_id}"\n'
-        f"{shlex.quote(python)} -m pip install --disable-pip-version-check -r requirements.txt\n")
+        '"$py" -m pip install --disable-pip-version-check -r requirements.txt\n')
 
 
 def selftest_script(remote_dir: str, bundle_id: str, python: str, args: tuple[str, ...] = ()) -> str:
     extra = "".join(" " + shlex.quote(a) for a in args)
-    return "set -u\n" + _dir_prelude(remote_dir) + (
+    return "set -u\n" + _dir_prelude(remote_dir) + _py_prelude(python) + (
         f'cd "$d/releases/{bundle_id}"\n'
-        f"PYTHON={shlex.quote(python)} exec ./run.sh selftest{extra}\n")
+        f'PYTHON="$py" exec ./run.sh selftest{extra}\n')
 
 
 _ACTIVATE_PY = r"""
@@ -236,8 +241,8 @@ for e in failed[1:]:
 
 def activate_script(remote_dir: str, bundle_id: str, python: str, keep: int, good: dict) -> str:
     args = " ".join(shlex.quote(a) for a in (f"releases/{bundle_id}", str(keep), json.dumps(good, sort_keys=True)))
-    return "set -eu\n" + _dir_prelude(remote_dir) + (
-        f'{shlex.quote(python)} -c {shlex.quote(_ACTIVATE_PY)} "$d" {args}\n')
+    return "set -eu\n" + _dir_prelude(remote_dir) + _py_prelude(python) + (
+        f'"$py" -c {shlex.quote(_ACTIVATE_PY)} "$d" {args}\n')
 
 
 def fail_script(remote_dir: str, bundle_id: str, log: str) -> str:
