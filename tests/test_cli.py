@@ -1,0 +1,65 @@
+"""Every command answers --help, documents every option, and turns bad arguments into exit code 2."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+
+import click
+import pytest
+
+from helpers import bin_path
+from splitedge.cli import SUBCOMMANDS
+
+SCRIPTS = {
+    "export-client": "splitedge.export.cli:main",
+    "cloud-serve": "splitedge.runtime_cloud.cli:main",
+    "edge-train": "splitedge.runtime_edge.cli:main",
+    "flash-board": "splitedge.profiles.flash_cli:main",
+}
+
+
+def _command(ref: str) -> click.Command:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _all_commands():
+    """(argv prefix, click command) for every console script and every splitedge subcommand, recursively."""
+    out = [([bin_path(name)], _command(ref)) for name, ref in SCRIPTS.items()]
+    stack = [([bin_path("splitedge"), name], _command(ref)) for name, ref in SUBCOMMANDS.items()]
+    while stack:
+        argv, cmd = stack.pop()
+        out.append((argv, cmd))
+        if isinstance(cmd, click.Group):
+            ctx = click.Context(cmd)
+            for sub in cmd.list_commands(ctx):
+                stack.append((argv + [sub], cmd.get_command(ctx, sub)))
+    return out
+
+
+COMMANDS = _all_commands()
+
+
+@pytest.mark.parametrize("argv,cmd", COMMANDS, ids=[" ".join(a[0].split("/")[-1:] + a[1:]) for a, _ in COMMANDS])
+def test_help_documents_every_option(argv, cmd):
+    res = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (cmd.help or "").strip().split("\n")[0][:40] in " ".join(res.stdout.split())
+    for p in cmd.params:
+        if isinstance(p, click.Option) and not p.hidden:
+            assert p.help, f"{' '.join(argv)}: option {p.name} has no help text"
+            assert any(o in res.stdout for o in p.opts), f"{' '.join(argv)}: {p.opts} missing from --help"
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_unknown_option_exits_2(name):
+    res = subprocess.run([bin_path(name), "--no-such-option"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "No such option" in res.stderr
+
+
+def test_splitedge_lists_its_subcommands():
+    res = subprocess.run([bin_path("splitedge"), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in res.stdout
