@@ -7,7 +7,9 @@ frame first; it is not part of the protocol)::
     frame 1.. payload frames, raw bytes, sent zero-copy (codec payloads, labels, weights)
 
 The header is at most :data:`MAX_HEADER_BYTES`; its JSON holds only numbers,
-strings, booleans, lists and objects. Nothing is ever unpickled: payload frames are
+strings, booleans, lists and objects. Numbers are finite (no ``NaN``/``Infinity``, no
+overflow to infinity) and integers lie within +-(2**53 - 1), the range every JSON
+reader holds exactly (RFC 7493). Nothing is ever unpickled: payload frames are
 codec payloads (self-describing, CRC-checked, see :mod:`splitedge.codecs`) or raw
 little-endian arrays whose dtype and shape the header states and the receiver
 checks against what it expects.
@@ -49,6 +51,7 @@ reconnects and restarts; ZeroMQ identities are not.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -60,6 +63,7 @@ PROTOCOL_VERSION = 1
 MAGIC = b"SPLE"
 _PREFIX = struct.Struct("<4sBB")
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_INT = 2**53 - 1
 
 
 class MsgType(IntEnum):
@@ -162,6 +166,24 @@ def _frame_bytes(f: Any) -> memoryview:
     return memoryview(f)
 
 
+def _header_int(text: str) -> int:
+    # a header int must fit in a double exactly; the length check comes first, before int()
+    if len(text.lstrip("-")) > 16 or abs(v := int(text)) > MAX_HEADER_INT:
+        raise ValueError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is outside +-(2**53 - 1)")
+    return v
+
+
+def _header_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:24]} is not a finite double")
+    return v
+
+
+def _header_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def unpack(frames: list[Any]) -> Message:
     """Parses and validates one message. Raises :class:`ProtocolError` naming what is wrong."""
     if not frames:
@@ -181,9 +203,11 @@ def unpack(frames: list[Any]) -> Message:
     except ValueError:
         raise ProtocolError(f"unknown message type {type_id}") from None
     try:
-        header = json.loads(bytes(head[_PREFIX.size :]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{type_.name} header is not valid UTF-8 JSON: {e}") from None
+        header = json.loads(bytes(head[_PREFIX.size :]).decode("utf-8"), parse_int=_header_int,
+                            parse_float=_header_float, parse_constant=_header_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ProtocolError(f"{type_.name} header is not valid UTF-8 JSON: {what}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{type_.name} header must be a JSON object")
     for key, types in SCHEMAS[type_].items():
