@@ -34,6 +34,8 @@ from .trainer import ServerModel
 
 log = logging.getLogger("cloud-serve")
 
+MAX_ERROR_MESSAGE = 1000  # characters of an ERROR message (at most 6 bytes each in JSON: far below the header limit)
+
 
 @dataclass
 class ServeConfig:
@@ -268,7 +270,13 @@ class CloudServer:
         self.errors_total += 1
         session = self.sessions.get(identity)
         cid = session.client_id if session else None
+        # the reply must always fit in a header: messages quote what the client sent, so cap them,
+        # and echo the step only when it is a step id
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[:MAX_ERROR_MESSAGE] + "..."
         step = msg.header.get("step") if msg is not None else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            step = None
         log.warning("error to client %s: %s: %s", cid if cid is not None else repr(identity[:16]), code, message)
         self.metrics.write("error", client=cid, code=code, message=message[:500], step=step)
         re = msg.type.name if msg is not None else None  # which request this answers
