@@ -314,7 +314,7 @@ class Flasher:
         if p.returncode == 255:
             raise FlashError(step, explain_ssh_failure(p.returncode, p.stderr, self.t))
         if check and p.returncode != 0:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+            tail = [ln.strip() for ln in (p.stderr or p.stdout).splitlines() if ln.strip()][-3:]
             raise FlashError(step, f"the board answered with exit code {p.returncode}: {' / '.join(tail)}")
         return p
 
@@ -424,7 +424,12 @@ class Flasher:
                     self._show(self.t.ssh(), deps)
                 else:
                     self._line("deps", f"{req.remote_python} -m pip install -r requirements.txt ...")
-                    self._ssh(step, deps, timeout=3600)
+                    try:
+                        self._ssh(step, deps, timeout=3600)
+                    except FlashError as e:
+                        where = self._mark_failed(info.id, state, f"installing requirements failed: {e}")
+                        raise FlashError(step, f"installing the requirements on the board failed: {e}; {where}") \
+                            from None
                     self._line("deps", "installed")
             else:
                 how = ("the ORT training build comes from source: install it first (requirements.txt says how)"
@@ -455,15 +460,7 @@ class Flasher:
             if rc != 0 or not r.selftest or not r.selftest.get("ok"):
                 why = (r.selftest or {}).get("error") or (
                     "the self-test printed no result (exit code %d): see its output above" % rc)
-                if state == "new":
-                    log = "\n".join(lines[-200:])
-                    try:
-                        self._ssh(step, fail_script(req.remote_dir, info.id, f"self-test failed: {why}\n\n{log}"))
-                        where = f"the new release was renamed {rel}.failed (its FAILED file has the output)"
-                    except FlashError as e:
-                        where = f"marking the release failed did not work either: {e}"
-                else:
-                    where = f"the already installed release {rel} was left as it was"
+                where = self._mark_failed(info.id, state, f"self-test failed: {why}\n\n" + "\n".join(lines[-200:]))
                 raise FlashError(step, f"self-test failed on the board: {why}; {where}")
             self._line("selftest", f"passed in {time.monotonic() - t0:.1f} s: {r.selftest.get('summary')}")
 
@@ -497,6 +494,17 @@ class Flasher:
         finally:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _mark_failed(self, bundle_id: str, state: str, log: str) -> str:
+        """Renames a new release to <id>.failed (with a FAILED file); returns what happened, in words."""
+        rel = f"releases/{bundle_id}"
+        if state != "new":
+            return f"the already installed release {rel} was left as it was"
+        try:
+            self._ssh("mark-failed", fail_script(self.req.remote_dir, bundle_id, log))
+            return f"the new release was renamed {rel}.failed (its FAILED file has the output)"
+        except FlashError as e:
+            return f"marking the release failed did not work either ({e}); it has no GOOD marker"
 
     def _line(self, step: str, text: str) -> None:
         self.out(f"  {step:<9} {text}")

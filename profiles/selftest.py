@@ -73,6 +73,15 @@ def _parse_codec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image. Linux: VmHWM, which starts afresh at exec;
+    ru_maxrss would carry the high-water mark of whatever process forked this one over exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
