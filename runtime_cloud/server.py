@@ -30,7 +30,7 @@ from .. import security
 from ..export import manifest as mf
 from ..fsutil import CheckpointDir, atomic_write_json
 from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
-from .trainer import ServerModel
+from .trainer import ServerModel, StepRefused
 
 log = logging.getLogger("cloud-serve")
 
@@ -384,7 +384,11 @@ class CloudServer:
         act, meta = self._decode_activation(msg.frames[0], h["n"], "TRAIN")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes)
         t1 = time.perf_counter()
-        res = self.model.train_step(act, labels)
+        try:
+            res = self.model.train_step(act, labels)
+        except StepRefused as e:
+            raise P.ProtocolError(f"TRAIN: step {step} not applied: {e}",
+                                  P.ErrorCode.NOT_FINITE if e.not_finite else P.ErrorCode.BAD_MESSAGE) from None
         t2 = time.perf_counter()
         grad = s.fwd.backward(res.grad, meta)
         t3 = time.perf_counter()
@@ -429,6 +433,8 @@ class CloudServer:
         act, _ = self._decode_activation(msg.frames[0], h["n"], "EVAL")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes) if h["has_labels"] else None
         pred, loss_sum = self.model.evaluate(act, labels)
+        if loss_sum is not None and not np.isfinite(loss_sum):
+            raise P.ProtocolError(f"EVAL: the loss of these activations is {loss_sum}", P.ErrorCode.NOT_FINITE)
         self._send(identity, P.MsgType.EVAL_RESULT, {"eval_id": h["eval_id"], "n": h["n"], "loss_sum": loss_sum},
                    [P.array_frame(pred, "int64")])
 

@@ -23,6 +23,15 @@ from ..export import split, zoo
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+class StepRefused(ValueError):
+    """A batch the server model did not train on; weights, optimizer state and BatchNorm
+    statistics are as they were before it."""
+
+    def __init__(self, message: str, *, not_finite: bool = False):
+        super().__init__(message)
+        self.not_finite = not_finite
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -65,14 +74,33 @@ class ServerModel:
         self.steps = 0
 
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One SGD step on one batch. Raises :class:`StepRefused` -- with nothing applied -- when the
+        model cannot train on the batch or its loss or gradients are not finite (e.g. huge activations)."""
         t0 = time.perf_counter()
         x = torch.from_numpy(np.array(activation, dtype=np.float32, copy=True)).to(self.device).requires_grad_(True)
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.model.train()
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # the forward updates the BatchNorm statistics: keep them, to undo a refused step
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            try:
+                logits = self.model(x)
+            except ValueError as e:  # e.g. BatchNorm cannot train on one value per channel
+                raise StepRefused(f"the server model cannot train on this batch: {e}") from None
+            loss = F.cross_entropy(logits, y)
+            if not bool(torch.isfinite(loss)):
+                raise StepRefused(f"the loss is {float(loss.detach())}", not_finite=True)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [x.grad]
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                raise StepRefused("the gradients are not finite", not_finite=True)
+        except StepRefused:
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            raise
         self.opt.step()
         self.steps += 1
         correct = int((logits.detach().argmax(1) == y).sum())
