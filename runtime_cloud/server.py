@@ -380,6 +380,9 @@ class CloudServer:
             self._stale(identity, s, msg)
             return
         P.expect_frames(msg, 2)
+        if h["round"] < 0 or h["total_rounds"] < 1:  # the gradient codec's arguments: checked before the step
+            raise P.ProtocolError(f"TRAIN: round must be >= 0 and total_rounds >= 1, got {h['round']} and "
+                                  f"{h['total_rounds']}")
         t0 = time.perf_counter()
         act, meta = self._decode_activation(msg.frames[0], h["n"], "TRAIN")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes)
