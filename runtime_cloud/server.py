@@ -354,7 +354,10 @@ class CloudServer:
     def _decode_activation(self, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
         if n < 1:
             raise P.ProtocolError(f"{what}: n must be >= 1, got {n}")
-        act, meta = sc.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+        # a compressed payload may not decode to more than the largest message (a 1-bit payload would
+        # otherwise make a message of --max-message-mb allocate 32 times that); checked before allocating
+        act, meta = sc.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame,
+                                        max_bytes=self.cfg.max_message_bytes)
         expect = (n, *self.manifest.activation_shape)
         if act.shape != expect:
             raise P.ProtocolError(f"{what}: activation has shape {act.shape}, expected {expect}", P.ErrorCode.SHAPE_MISMATCH)
