@@ -365,6 +365,9 @@ class CloudServer:
             raise P.ProtocolError(f"{what}: activation dtype {act.dtype}, expected float32", P.ErrorCode.SHAPE_MISMATCH)
         if not np.isfinite(act).all():
             raise P.ProtocolError(f"{what}: activation contains NaN or Inf", P.ErrorCode.NOT_FINITE)
+        if meta["codec"] != self.cfg.codec:  # its backward rule needs this codec's own metadata
+            raise P.ProtocolError(f"{what}: a {meta['codec']} payload, but this cloud's codec is {self.cfg.codec} "
+                                  "(see WELCOME)", P.ErrorCode.BAD_PAYLOAD)
         return act, meta
 
     def _on_train(self, identity: bytes, msg: P.Message) -> None:
