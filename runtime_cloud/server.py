@@ -453,6 +453,14 @@ class CloudServer:
         s.bytes_in += msg.nbytes
         if not self.cfg.fedavg_every:
             raise P.ProtocolError("FedAvg is off on this cloud (--fedavg-every 0)", P.ErrorCode.UNEXPECTED)
+        # only the round this client's last step ended (the GRAD said so): weights for any other round
+        # would wait in self.pending for rounds that may never complete
+        every = self.cfg.fedavg_every
+        if s.last_step < every or s.last_step % every or h["round"] != s.last_step // every:
+            at = f"ended round {s.last_step // every}" if s.last_step >= every and not s.last_step % every \
+                else "ended no round"
+            raise P.ProtocolError(f"WEIGHTS for round {h['round']}, but this client's last step {s.last_step} {at}",
+                                  P.ErrorCode.UNEXPECTED)
         shapes = P.check_shapes(h["names"], h["shapes"], self.client_param_shapes, "WEIGHTS")
         if sorted(h["names"]) != sorted(self.client_param_shapes):
             raise P.ProtocolError("WEIGHTS must carry every edge parameter exactly once")
