@@ -217,7 +217,10 @@ class CloudServer:
                 self.metrics.write("client_timeout", client=s.client_id, last_step=s.last_step)
                 self._complete_rounds()
         if self.ckpt and self.server_step - self._last_ckpt_step >= self.cfg.checkpoint_every:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except OSError:
+                pass  # logged and in the metrics; the previous checkpoint is intact: keep training, retry later
         if self.cfg.exit_when_done and self.cfg.expect_clients:
             done = sum(1 for s in self.by_client.values() if s.done)
             gone = sum(1 for s in self.by_client.values() if s.timed_out)

@@ -126,11 +126,11 @@ class ServerModel:
     # ------------------------------------------------------------------ state
 
     def save(self, directory: Path) -> None:
-        """Model and optimizer state as safetensors plus JSON (no pickle)."""
+        """Model and optimizer state as safetensors plus JSON (no pickle). A write failure (e.g. a
+        full disk) raises OSError."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(directory / "server_model.safetensors"))
         sd = self.opt.state_dict()
         tensors, scalars = {}, {}
         for idx, st in sd["state"].items():
@@ -139,7 +139,12 @@ class ServerModel:
                     tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
                 else:
                     scalars[f"{idx}.{key}"] = val
-        save_file(tensors, str(directory / "server_optimizer.safetensors"))
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                      str(directory / "server_model.safetensors"))
+            save_file(tensors, str(directory / "server_optimizer.safetensors"))
+        except SafetensorError as e:  # safetensors reports I/O errors (ENOSPC included) as its own type
+            raise OSError(f"cannot write the server model to {directory}: {e}") from e
         meta = {"optimizer": self.optimizer_name, "param_groups": sd["param_groups"], "scalars": scalars, "steps": self.steps}
         (directory / "server_optimizer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
