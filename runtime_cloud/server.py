@@ -415,10 +415,12 @@ class CloudServer:
             "decode_ms": round((t1 - t0) * 1000, 3), "compute_ms": round((t2 - t1) * 1000, 3),
             "backward_ms": round((t3 - t2) * 1000, 3), "encode_ms": round((t4 - t3) * 1000, 3),
         }
-        out = self._send(identity, P.MsgType.GRAD, {
+        out = P.pack(P.MsgType.GRAD, {
             "step": step, "loss": res.loss, "correct": res.correct, "fedavg_round": fed_round, "timings": timings,
         }, [blob])
         s.cached = (step, [bytes(f) for f in out])
+        # the step's event is written before its GRAD leaves: a process killed in between leaves a
+        # recorded step whose reply was lost (the edge retries it), never an acknowledged unrecorded one
         self.metrics.write(
             "step", client=s.client_id, step=step, server_step=self.server_step, session=self.session_id, n=h["n"],
             loss=round(res.loss, 6),
@@ -426,6 +428,7 @@ class CloudServer:
             payload_in=frame_len(msg.frames[0]), payload_out=len(blob), shape=list(act.shape),
             edge_encode_ms=h["encode_ms"], **timings,
         )
+        s.bytes_out += self.ep.send(out, identity)
         if self.cfg.log_every and self.server_step % self.cfg.log_every == 0:
             steps = ", ".join(f"c{c}:{x.last_step}" for c, x in sorted(self.by_client.items()))
             log.info("server step %d (%s) loss %.4f; in %.1f MB, out %.1f MB", self.server_step, steps, res.loss,
