@@ -9,6 +9,7 @@ from .cli import LazyGroup
 BENCHMARKS: dict[str, str] = {
     "codecs": "splitedge.codecs.bench:main",
     "step": "splitedge.runtime_edge.bench:main",
+    "load": "splitedge.runtime_cloud.bench_load:main",
 }
 
 

@@ -1,0 +1,311 @@
+"""``splitedge bench load``: one real ``cloud-serve`` process and N simulated edge clients.
+
+The cloud is the real program (a subprocess on TCP loopback) serving a small model: by
+default ResNet-18 cut 3 for 1x16x16 inputs, exported to a temporary directory (one server
+step of batch 8 is then tens of milliseconds on one thread, most of it the backward pass
+and SGD update of the 11 M server parameters; ``--model mobilenet_v2`` is lighter). The N clients are simulated in this process by one
+ZeroMQ poller loop over N DEALER sockets (no ONNX Runtime: the edge's own compute is not
+what is measured). Each client says HELLO, then runs ``--steps`` TRAIN steps -- a real
+codec payload of the activation shape and random labels, sent as soon as the previous
+step's GRAD arrives and has been decoded and checked -- then BYE. All clients run at once.
+
+Reported: steps per second over the whole run (all clients, first TRAIN to last GRAD),
+the latency of one step as a client sees it (TRAIN sent to GRAD received: the server's
+work plus its queue, since it applies one step at a time) as p50/p99/max, the server's own
+time per step (from the GRAD timings), and the errors (any ERROR reply, a reply that does
+not match, a client silent for ``--timeout``). The cloud's metrics are cross-checked: it
+must have applied exactly clients x steps steps and counted no error.
+
+Figures vary with the machine's load; they are measurements of this run, not thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+@dataclass
+class SimClient:
+    cid: int
+    sock: object
+    payloads: list[bytes]
+    labels: list[bytes]
+    state: str = "hello"  # hello -> train -> bye -> done (or failed)
+    step: int = 0  # the step in flight (or the last one done)
+    sent_at: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = tuple(int(v) for v in text.strip().lower().split("x"))
+    if len(parts) != 3 or min(parts) < 1:
+        raise ValueError(text)
+    return parts  # type: ignore[return-value]
+
+
+def _wait_for_cloud(ctx, endpoint: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    import zmq
+
+    from .. import protocol as P
+
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send_multipart(P.pack(P.MsgType.PING, {"t": 0}))
+        deadline = time.monotonic() + timeout_s
+        while not s.poll(200):
+            if proc.poll() is not None:
+                raise click.ClickException(f"cloud-serve exited with code {proc.returncode}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"cloud-serve did not answer within {timeout_s:.0f}s:\n{_tail(log)}")
+        s.recv_multipart()
+    finally:
+        s.close()
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_size: int, codec: str, bits: int | None,
+             cloud_threads: int, timeout_s: float, seed: int) -> dict:
+    """Runs the cloud and the simulated clients; returns the figures (see the module docstring)."""
+    import zmq
+
+    from .. import codecs as sc
+    from .. import launch
+    from .. import protocol as P
+    from ..export import manifest as mf
+
+    m = mf.load(artifacts)
+    port = launch.free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    metrics = workdir / "cloud-metrics.jsonl"
+    log = workdir / "cloud.log"
+    cmd = launch.script("cloud-serve") + [
+        "--artifacts", str(artifacts), "--bind", endpoint, "--codec", codec, "--metrics", str(metrics),
+        "--expect-clients", str(clients), "--exit-when-done", "--log-every", "0", "--threads", str(cloud_threads),
+    ] + (["--bits", str(bits)] if bits is not None else [])
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ctx = zmq.Context.instance()
+    sims: list[SimClient] = []
+    errors: Counter = Counter()
+    try:
+        _wait_for_cloud(ctx, endpoint, proc, 120.0, log)
+        # the payloads: a few real encodes per client, reused in turn (encoding is the edge's work, not measured)
+        rng = np.random.default_rng(seed)
+        enc = sc.get(codec, **({"bits": bits} if bits is not None else {}))
+        shape = (batch_size, *m.activation_shape)
+        pool = [enc.encode(rng.standard_normal(shape).astype(np.float32), round=1, total_rounds=steps)
+                for _ in range(4)]
+        poller = zmq.Poller()
+        by_sock = {}
+        for cid in range(clients):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IDENTITY, f"sim-{cid}-{os.getpid()}".encode())
+            s.connect(endpoint)
+            ys = [rng.integers(0, m.num_classes, batch_size).astype("<i8").tobytes() for _ in range(4)]
+            c = SimClient(cid, s, pool, ys)
+            sims.append(c)
+            poller.register(s, zmq.POLLIN)
+            by_sock[s] = c
+
+        def send_train(c: SimClient) -> None:
+            c.step += 1
+            k = c.step % len(c.payloads)
+            frames = P.pack(P.MsgType.TRAIN, {"step": c.step, "n": batch_size, "round": c.step, "total_rounds": steps,
+                                              "encode_ms": 0.0}, [c.payloads[k], c.labels[k]])
+            c.sent_at = time.perf_counter()
+            c.sock.send_multipart(frames, copy=False)
+
+        def fail(c: SimClient, why: str) -> None:
+            errors[why] += 1
+            c.state = "failed"
+
+        for c in sims:
+            c.sock.send_multipart(P.pack(P.MsgType.HELLO, {
+                "client_id": c.cid, "num_clients": clients, "model": m.model, "cut": m.cut,
+                "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
+                "num_classes": m.num_classes, "samples": batch_size * steps, "resume_step": 0,
+                "planned_steps": steps}))
+            c.sent_at = time.perf_counter()
+        t_first = t_last = None
+        while any(c.state not in ("done", "failed") for c in sims):
+            ready = dict(poller.poll(100))
+            now = time.perf_counter()
+            for c in sims:
+                if c.state not in ("done", "failed") and now - c.sent_at > timeout_s:
+                    fail(c, f"no reply within {timeout_s:.0f}s")
+            if proc.poll() is not None and any(c.state not in ("done", "failed") for c in sims):
+                for c in sims:
+                    if c.state not in ("done", "failed"):
+                        fail(c, f"cloud-serve exited with code {proc.returncode}")
+                break
+            for sock in ready:
+                c = by_sock[sock]
+                frames = sock.recv_multipart(copy=False)
+                t_recv = time.perf_counter()
+                if c.state in ("done", "failed"):
+                    continue
+                try:
+                    msg = P.unpack(frames)
+                except P.ProtocolError as e:
+                    fail(c, f"malformed reply: {e}")
+                    continue
+                if msg.type == P.MsgType.ERROR:
+                    fail(c, f"ERROR {msg.header.get('code')}")
+                    continue
+                if c.state == "hello" and msg.type == P.MsgType.WELCOME:
+                    if msg.header["codec"]["name"] != codec:
+                        fail(c, f"WELCOME with codec {msg.header['codec']['name']}")
+                        continue
+                    c.state = "train"
+                    t_first = t_first or time.perf_counter()
+                    send_train(c)
+                elif c.state == "train" and msg.type == P.MsgType.GRAD and msg.header["step"] == c.step:
+                    c.latencies_ms.append((t_recv - c.sent_at) * 1000)
+                    t_last = t_recv
+                    tm = msg.header["timings"]
+                    c.server_ms.append(sum(tm[k] for k in ("decode_ms", "compute_ms", "backward_ms", "encode_ms")))
+                    grad = sc.decode(frames[1].buffer)  # what an edge does with it, and a check that it is one
+                    if grad.shape != shape or not np.isfinite(grad).all():
+                        fail(c, f"gradient of shape {grad.shape}")
+                        continue
+                    if c.step < steps:
+                        send_train(c)
+                    else:
+                        c.state = "bye"
+                        c.sent_at = time.perf_counter()
+                        c.sock.send_multipart(P.pack(P.MsgType.BYE, {"reason": "finished", "steps": c.step}))
+                elif c.state == "bye" and msg.type == P.MsgType.BYE_ACK:
+                    c.state = "done"
+                elif msg.type != P.MsgType.PONG:
+                    fail(c, f"unexpected {msg.type.name} while in {c.state}")
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            rc = None
+            errors["cloud-serve did not exit after every client's BYE"] += 1
+    finally:
+        for c in sims:
+            c.sock.close(linger=0)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    lat = np.array([v for c in sims for v in c.latencies_ms]) if sims else np.zeros(0)
+    srv = np.array([v for c in sims for v in c.server_ms]) if sims else np.zeros(0)
+    done_steps = int(lat.size)
+    wall = (t_last - t_first) if (t_first is not None and t_last is not None and t_last > t_first) else float("nan")
+    events = launch.read_jsonl(metrics)
+    cloud_steps = sum(1 for e in events if e.get("event") == "step")
+    cloud_errors = sum(1 for e in events if e.get("event") == "error")
+    if rc not in (0, None):
+        errors[f"cloud-serve exited with code {rc}"] += 1
+    if cloud_steps != done_steps:
+        errors[f"cloud applied {cloud_steps} steps, the clients saw {done_steps} GRADs"] += 1
+    if cloud_errors:
+        errors[f"cloud counted {cloud_errors} errors"] += 1
+
+    def pct(a: np.ndarray, q: float) -> float | None:
+        return round(float(np.percentile(a, q)), 3) if a.size else None
+
+    return {
+        "benchmark": "load", "clients": clients, "steps_per_client": steps, "batch_size": batch_size,
+        "model": m.model, "cut": m.cut, "input_shape": list(m.input_shape), "activation_shape": list(shape),
+        "codec": enc.name, "codec_params": enc.params, "payload_bytes": len(pool[0]), "cloud_threads": cloud_threads,
+        "steps": done_steps, "clients_finished": sum(c.state == "done" for c in sims),
+        "wall_s": round(wall, 3), "steps_per_s": round(done_steps / wall, 2) if done_steps and wall == wall else None,
+        "latency_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(float(lat.max()), 3) if lat.size else None,
+                       "mean": round(float(lat.mean()), 3) if lat.size else None},
+        "server_step_ms": {"p50": pct(srv, 50), "p99": pct(srv, 99)},
+        "cloud_steps": cloud_steps, "cloud_errors": cloud_errors,
+        "errors": sum(errors.values()), "error_kinds": dict(errors),
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--clients", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Simulated edge clients, all connected to the one cloud at once.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="TRAIN steps per client.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Samples per step (at least 2: the model's BatchNorm layers train on batches).")
+@click.option("--codec", default="uq", show_default=True, help="Codec of the activations and gradients.")
+@click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True,
+              help="Bits of the codec (ignored by codecs without a bit width).")
+@click.option("--model", default="resnet18", show_default=True,
+              help="Zoo model to export (e.g. resnet18, mobilenet_v2, shufflenet_v2_x1_0).")
+@click.option("--cut", type=int, default=3, show_default=True, help="Cut index of the exported model.")
+@click.option("--input-shape", default="1x16x16", show_default=True,
+              help="Input shape CxHxW of the exported model (small, so that one server step is short).")
+@click.option("--artifacts", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Use these exported artifacts instead of exporting --input-shape to a temporary directory.")
+@click.option("--cloud-threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="cloud-serve's torch threads (0: torch's default).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds a client waits for a reply before the run counts an error.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the activations and labels.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artifacts, cloud_threads, timeout_s, seed,
+         json_path):
+    """One cloud-serve, N simulated edge clients: steps/s and p50/p99 step latency."""
+    from .. import codecs as sc
+
+    if codec not in sc.available():
+        raise click.BadParameter(f"unknown codec {codec!r}; available: {', '.join(sc.available())}", param_hint="--codec")
+    bits_or_none = bits if "bits" in sc.get(codec).params else None
+    try:
+        shape = _shape(input_shape)
+    except ValueError:
+        raise click.BadParameter(f"{input_shape!r}: write CxHxW, e.g. 1x16x16", param_hint="--input-shape") from None
+    with tempfile.TemporaryDirectory(prefix="splitedge-load-") as tmp:
+        work = Path(tmp)
+        if artifacts is None:
+            from ..export import onnx_export as oe
+
+            artifacts = work / "artifacts"
+            click.echo(f"exporting {model} cut {cut} for {input_shape} to a temporary directory ...")
+            try:
+                oe.export(oe.ExportRequest(model, cut, input_shape=shape, out=str(artifacts)))
+            except (ValueError, oe.ExportError) as e:
+                raise click.UsageError(str(e)) from None
+        r = run_load(Path(artifacts), work, clients=clients, steps=steps, batch_size=batch_size, codec=codec,
+                     bits=bits_or_none, cloud_threads=cloud_threads, timeout_s=timeout_s, seed=seed)
+    lat, srv = r["latency_ms"], r["server_step_ms"]
+    click.echo(f"\none cloud-serve ({r['model']} cut {r['cut']}, input {'x'.join(map(str, r['input_shape']))}, "
+               f"{r['codec']} {r['codec_params']}, {r['cloud_threads'] or 'default'} torch thread(s)), "
+               f"{r['clients']} simulated clients x {r['steps_per_client']} steps of batch {r['batch_size']}")
+    click.echo(f"  steps:            {r['steps']} of {r['clients'] * r['steps_per_client']} "
+               f"({r['clients_finished']} clients finished; the cloud applied {r['cloud_steps']})")
+    click.echo(f"  throughput:       {r['steps_per_s']} steps/s over {r['wall_s']} s")
+    click.echo(f"  step latency:     p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
+               "(TRAIN sent -> GRAD received)")
+    click.echo(f"  server step time: p50 {srv['p50']} ms, p99 {srv['p99']} ms (decode + model + backward + encode)")
+    click.echo(f"  errors:           {r['errors']}" + (f" {r['error_kinds']}" if r["errors"] else ""))
+    click.echo(json.dumps(r))
+    if json_path:
+        Path(json_path).write_text(json.dumps(r, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+    if r["errors"]:
+        raise SystemExit(1)
