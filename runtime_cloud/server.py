@@ -379,6 +379,8 @@ class CloudServer:
         step = h["step"]
         nbytes = msg.nbytes
         s.bytes_in += nbytes
+        if step >= P.MAX_HEADER_INT:  # so that every reply's expected_step (last step + 1) is a header int
+            raise P.ProtocolError(f"TRAIN: step {step} is beyond the last step id, {P.MAX_HEADER_INT - 1}")
         if s.cached is not None and step == s.cached[0]:
             log.info("client %d retried step %d: answering from cache", s.client_id, step)
             self.metrics.write("retry", client=s.client_id, step=step)
