@@ -1,0 +1,314 @@
+"""Crash safety: a cloud or an edge killed with SIGKILL mid-run, damaged checkpoint directories,
+a full disk at checkpoint time.
+
+The cloud's metrics are the ledger the checks read (JSON lines, appended by every run of the
+cloud): a ``step`` event per applied step (client, step, server_step, session), and on
+``--resume`` a ``resume`` event naming the checkpoint's server step and each client's last
+applied step in it. A killed cloud's steps after that checkpoint are rolled back: the new
+process's model never had them. An edge does not re-send a step its own model has already
+trained (it goes on from where it is), so such a step is lost to the server model -- at most
+``--checkpoint-every`` of them per crash -- unless it was in flight (applied, its GRAD not yet
+received), in which case the edge retries it and the new process applies it again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from splitedge import launch
+from splitedge.fsutil import CheckpointDir
+
+SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
+
+
+@pytest.fixture(scope="module")
+def art(exported):
+    return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
+
+
+def _cloud(art: Path, port: int, wd: Path, *extra: str, log: str = "cloud.log") -> subprocess.Popen:
+    cmd = launch.script("cloud-serve") + ["--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{port}", "--codec", "uq",
+                                          "--bits", "4", "--threads", "1", "--metrics", str(wd / "metrics.jsonl"),
+                                          "--log-every", "0", *extra]
+    return subprocess.Popen(cmd, stdout=open(wd / log, "a"), stderr=subprocess.STDOUT)
+
+
+def _edge(art: Path, port: int, wd: Path, cid: int, k: int, *extra: str) -> subprocess.Popen:
+    cmd = launch.script("edge-train") + [
+        "--artifacts", str(art), "--connect", f"tcp://127.0.0.1:{port}", "--data", SYNTH, "--client-id", str(cid),
+        "--num-clients", str(k), "--batch-size", "16", "--eval-samples", "32", "--threads", "1", "--no-progress",
+        "--timeout", "1", "--give-up", "120", "--summary", str(wd / f"edge-{cid}.json"), *extra,
+    ]
+    return subprocess.Popen(cmd, stdout=open(wd / f"edge-{cid}.log", "a"), stderr=subprocess.STDOUT)
+
+
+def _events(wd: Path) -> list[dict]:
+    return launch.read_jsonl(wd / "metrics.jsonl")
+
+
+def _wait_for(pred, timeout: float, what: str, procs=()) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        for p in procs:
+            assert p.poll() is None, f"{p.args[0]} exited early with {p.returncode}"
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------------------- the cloud crashes
+
+
+def test_cloud_killed_mid_run_resumes_and_every_step_is_accounted_for(art, tmp_path):
+    """3 edges x 40 steps; the cloud checkpoints every 5 server steps and is SIGKILLed once the
+    metrics show half the steps, then restarted with --resume on the same port. The edges
+    reconnect by themselves and finish; the metrics account for every step exactly."""
+    clients, planned, every = 3, 40, 5
+    port = launch.free_port()
+    common = ("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", str(every), "--expect-clients",
+              str(clients), "--exit-when-done")
+    cloud = _cloud(art, port, tmp_path, *common)
+    edges = [_edge(art, port, tmp_path, c, clients, "--steps", str(planned)) for c in range(clients)]
+    try:
+        # half the steps, and between two checkpoints: the last steps before the kill are rolled back
+        _wait_for(lambda: (n := sum(e["event"] == "step" for e in _events(tmp_path))) >= clients * planned // 2
+                  and n % every in (2, 3), 240, "half the steps", [cloud, *edges])
+        cloud.send_signal(signal.SIGKILL)
+        cloud.wait()
+        cloud = _cloud(art, port, tmp_path, *common, "--resume", log="cloud2.log")
+        for c, e in enumerate(edges):
+            assert e.wait(timeout=240) == 0, _tail(tmp_path / f"edge-{c}.log")
+        assert cloud.wait(timeout=60) == 0, _tail(tmp_path / "cloud2.log")
+    finally:
+        _stop(cloud, *edges)
+
+    events = _events(tmp_path)
+    # every client finished its plan
+    for c in range(clients):
+        s = json.loads((tmp_path / f"edge-{c}.json").read_text())
+        assert s["steps"] == planned, s
+    # split the ledger at the resume event: the killed run before it, the new run after it
+    (cut,) = [i for i, e in enumerate(events) if e["event"] == "resume"]
+    resume = events[cut]
+    killed = [e for e in events[:cut] if e["event"] == "step"]
+    new = [e for e in events[cut:] if e["event"] == "step"]
+    assert killed and new, "both runs applied steps"
+    assert len({e["session"] for e in killed}) == 1 and {e["session"] for e in new} == {resume["session"]}
+    ckpt_step = resume["server_step"]
+    in_ckpt = {int(c): last for c, last in resume["clients"].items()}
+    # server steps are consecutive in each run; the new one continues from the checkpoint
+    assert [e["server_step"] for e in killed] == list(range(1, len(killed) + 1))
+    assert [e["server_step"] for e in new] == list(range(ckpt_step + 1, ckpt_step + 1 + len(new)))
+    written = [e["server_step"] for e in events[:cut] if e["event"] == "checkpoint"]
+    assert written and max(written) <= ckpt_step <= len(killed), "resumed from the newest checkpoint"
+
+    kept = [e for e in killed if e["server_step"] <= ckpt_step]  # in the checkpoint the new run started from
+    rolled_back = [e for e in killed if e["server_step"] > ckpt_step]
+    effective = kept + new
+    counts = Counter((e["client"], e["step"]) for e in effective)
+    twice = {k: n for k, n in counts.items() if n > 1}
+    assert not twice, f"applied twice in the effective history: {twice}"
+    for c in range(clients):
+        kept_c = sorted(e["step"] for e in kept if e["client"] == c)
+        assert kept_c == list(range(1, in_ckpt.get(c, 0) + 1)), "the checkpoint holds exactly the steps before it"
+        assert all(e["step"] > in_ckpt.get(c, 0) for e in new if e["client"] == c), "nothing re-applied"
+        seen = {e["step"] for e in effective + rolled_back if e["client"] == c}
+        assert seen == set(range(1, planned + 1)), f"client {c}: steps missing {set(range(1, planned + 1)) - seen}"
+        lost = {e["step"] for e in rolled_back if e["client"] == c} - {e["step"] for e in new if e["client"] == c}
+        assert len(lost) <= every, f"client {c} lost {sorted(lost)} to the crash, more than --checkpoint-every"
+    assert len(rolled_back) <= every, "the killed run applied at most --checkpoint-every steps after its checkpoint"
+    print(f"\ncloud killed at server step {len(killed)}, resumed from {ckpt_step}; rolled back "
+          f"{[(e['client'], e['step']) for e in rolled_back]}; re-applied "
+          f"{sorted(set((e['client'], e['step']) for e in rolled_back) & set(counts))}")
+
+
+# ---------------------------------------------------------------------------- an edge crashes
+
+
+def test_edge_killed_and_restarted_resumes_its_shard(art, tmp_path):
+    """An edge checkpointing every 5 steps is SIGKILLed mid-run and restarted with --resume: it
+    says HELLO, learns how far the cloud got with its client id, skips those batches (never
+    re-sending an applied step), and finishes; the cloud applied each of its steps once."""
+    planned = 40
+    port = launch.free_port()
+    ckpt = tmp_path / "edge-ckpt"
+    cloud = _cloud(art, port, tmp_path, "--expect-clients", "1", "--exit-when-done")
+    edge_args = ("--steps", str(planned), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5")
+    edge = _edge(art, port, tmp_path, 0, 1, *edge_args)
+    try:
+        # kill it between two of its checkpoints, so that the cloud is ahead of the checkpoint
+        _wait_for(lambda: (n := sum(e["event"] == "step" for e in _events(tmp_path))) >= planned // 2 and n % 5 >= 2,
+                  240, "half the steps", [cloud, edge])
+        edge.send_signal(signal.SIGKILL)
+        edge.wait()
+        time.sleep(1.0)  # a TRAIN the edge sent just before it died may still be applied
+        applied_before = max(e["step"] for e in _events(tmp_path) if e["event"] == "step")
+        edge = _edge(art, port, tmp_path, 0, 1, *edge_args, "--resume")
+        assert edge.wait(timeout=240) == 0, _tail(tmp_path / "edge-0.log")
+        assert cloud.wait(timeout=60) == 0, _tail(tmp_path / "cloud.log")
+    finally:
+        _stop(cloud, edge)
+
+    events = _events(tmp_path)
+    assert json.loads((tmp_path / "edge-0.json").read_text())["steps"] == planned
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert sorted(steps) == list(range(1, planned + 1)), "every step applied exactly once"
+    joins = [e for e in events if e["event"] == "client_joined"]  # a HELLO retried at start joins twice
+    second = joins[-1]
+    assert second["last_step"] == applied_before, "the cloud told the restarted edge how far it got"
+    assert second["resume_step"] % 5 == 0 and second["resume_step"] < second["last_step"], second
+    assert f"skipping {second['last_step'] - second['resume_step']} batches" in (tmp_path / "edge-0.log").read_text()
+    assert not [e for e in events if e["event"] == "error"], "no step re-sent (it would be stale_step)"
+    progress = json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "edge_progress.json").read_text())
+    assert (progress["step"], progress["epoch"], progress["batch"]) == (planned, 0, planned), progress
+
+
+# ---------------------------------------------------------------------------- damaged checkpoint directories
+
+
+def _fill(d: Path) -> None:
+    (d / "state.json").write_text('{"ok": true}')
+
+
+def test_checkpoint_dir_ignores_leftover_temporaries_and_an_uncommitted_checkpoint(tmp_path):
+    """What fsutil documents: LATEST names the committed checkpoint; a .tmp-ckpt-* directory (a
+    write cut short, by another pid) and a ckpt-* directory that LATEST does not name (renamed
+    into place, the crash came before LATEST was replaced) are ignored."""
+    cd = CheckpointDir(tmp_path, keep=2)
+    assert cd.latest() is None
+    first = cd.write("000000005", _fill)
+    leftover = tmp_path / ".tmp-ckpt-000000010-999999"
+    leftover.mkdir()
+    (leftover / "state.json").write_text('{"ok": tr')  # half written
+    uncommitted = tmp_path / "ckpt-000000010"
+    uncommitted.mkdir()
+    assert cd.latest() == first
+    # the next write commits over the uncommitted one and keeps two; the leftover stays ignored
+    assert cd.write("000000010", _fill) == uncommitted and cd.latest() == uncommitted
+    assert json.loads((uncommitted / "state.json").read_text()) == {"ok": True}
+    assert cd.write("000000015", _fill) == tmp_path / "ckpt-000000015"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010", "ckpt-000000015"]
+    assert not [p for p in tmp_path.glob(f".tmp-ckpt-*-{os.getpid()}")], "its own temporaries are gone"
+    # with no LATEST at all (a crash before the very first LATEST was written) there is no checkpoint
+    (tmp_path / "LATEST").unlink()
+    assert cd.latest() is None
+
+
+@pytest.mark.parametrize("latest", ["ckpt-000000099", "../ckpt-000000005", "", "garbage"])
+def test_a_latest_naming_no_checkpoint_is_a_clear_error(tmp_path, latest):
+    cd = CheckpointDir(tmp_path)
+    cd.write("000000005", _fill)
+    (tmp_path / "LATEST").write_text(latest + "\n")
+    with pytest.raises(OSError, match="LATEST names .* not a checkpoint directory"):
+        cd.latest()
+
+
+def test_cloud_and_edge_refuse_to_resume_from_a_damaged_checkpoint_dir(art, tmp_path):
+    """--resume with a LATEST naming a missing directory, or a checkpoint lacking a file: both
+    programs stop with a message naming the problem (not a traceback, not a silent fresh start)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "LATEST").write_text("ckpt-000000042\n")
+    base = ["--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{launch.free_port()}", "--checkpoint-dir", str(ckpt),
+            "--resume"]
+    res = subprocess.run(launch.script("cloud-serve") + base, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "LATEST names 'ckpt-000000042'" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    res = subprocess.run(launch.script("edge-train") + [
+        "--artifacts", str(art), "--data", SYNTH, "--checkpoint-dir", str(ckpt), "--resume", "--steps", "1",
+        "--connect", f"tcp://127.0.0.1:{launch.free_port()}", "--give-up", "5"], capture_output=True, text=True,
+        timeout=120)
+    assert res.returncode == 1 and "LATEST names 'ckpt-000000042'" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    # a committed checkpoint that lacks its state file (e.g. deleted by hand)
+    (ckpt / "ckpt-000000042").mkdir()
+    res = subprocess.run(launch.script("cloud-serve") + base, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "server_state.json" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a checkpoint (simulated in the writer, after part of a file):
+    the error reaches the caller, LATEST still names the previous checkpoint, its files are
+    untouched, and the temporary directory is gone."""
+    cd = CheckpointDir(tmp_path, keep=2)
+    first = cd.write("000000005", _fill)
+
+    def full_disk(d: Path) -> None:
+        (d / "state.json").write_text('{"ok": tr')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        cd.write("000000010", full_disk)
+    assert e.value.errno == errno.ENOSPC
+    assert cd.latest() == first and json.loads((first / "state.json").read_text()) == {"ok": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-000000005"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 MiB tmpfs: room for one cloud checkpoint (ResNet-18 after cut 3: 45 MB), not two."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_at_checkpoint_time_is_reported_and_training_goes_on(art, tmp_path, tiny_disk):
+    """The cloud checkpoints every 5 steps onto a disk with room for one checkpoint: the first is
+    written, the second fails with ENOSPC. The failure is logged and in the metrics, the previous
+    checkpoint stays intact (and loads), training goes on to the end, and the cloud exits 1
+    because its final checkpoint could not be written."""
+    port = launch.free_port()
+    ckpt = tiny_disk / "ckpt"
+    cloud = _cloud(art, port, tmp_path, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
+                   "--expect-clients", "1", "--exit-when-done")
+    edge = _edge(art, port, tmp_path, 0, 1, "--steps", "15")
+    try:
+        assert edge.wait(timeout=240) == 0, _tail(tmp_path / "edge-0.log")
+        assert cloud.wait(timeout=60) == 1, _tail(tmp_path / "cloud.log")
+    finally:
+        _stop(cloud, edge)
+    events = _events(tmp_path)
+    assert [e["server_step"] for e in events if e["event"] == "checkpoint"] == [5]
+    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    # at 10 and 15 (every 5), and the final one at shutdown, again at 15
+    assert [e["server_step"] for e in failed] == [10, 15, 15] and all("No space left" in e["error"] for e in failed)
+    assert sorted(e["step"] for e in events if e["event"] == "step") == list(range(1, 16))
+    log = (tmp_path / "cloud.log").read_text()
+    assert "the previous checkpoint is intact" in log and "final checkpoint failed" in log
+    assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "ckpt-000000005"], "no temporary left behind"
+    from safetensors.torch import load_file
+
+    kept = CheckpointDir(ckpt).latest()
+    assert kept == ckpt / "ckpt-000000005"
+    assert json.loads((kept / "server_state.json").read_text())["server_step"] == 5
+    assert len(load_file(str(kept / "server_model.safetensors"))) > 0
