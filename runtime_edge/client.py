@@ -407,7 +407,7 @@ class EdgeClient:
 
         try:
             self.ckpt.write(f"{p.step:09d}", write)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # ONNX Runtime reports a failed write (ENOSPC too) as RuntimeError
             log.error("edge checkpoint at step %d failed: %s; the previous one is intact", p.step, e)
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
