@@ -270,15 +270,22 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 64 MiB tmpfs: room for one cloud checkpoint (ResNet-18 after cut 3: 45 MB), not two."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
+    """``tiny_disk(size)``: a tmpfs of that size (e.g. "64m") under tmp_path; skips where no tmpfs
+    can be mounted (it needs root)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"disk-{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
@@ -288,7 +295,7 @@ def test_a_full_disk_at_checkpoint_time_is_reported_and_training_goes_on(art, tm
     checkpoint stays intact (and loads), training goes on to the end, and the cloud exits 1
     because its final checkpoint could not be written."""
     port = launch.free_port()
-    ckpt = tiny_disk / "ckpt"
+    ckpt = tiny_disk("64m") / "ckpt"  # room for one cloud checkpoint (ResNet-18 after cut 3: 45 MB), not two
     cloud = _cloud(art, port, tmp_path, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
                    "--expect-clients", "1", "--exit-when-done")
     edge = _edge(art, port, tmp_path, 0, 1, "--steps", "15")
@@ -312,3 +319,28 @@ def test_a_full_disk_at_checkpoint_time_is_reported_and_training_goes_on(art, tm
     assert kept == ckpt / "ckpt-000000005"
     assert json.loads((kept / "server_state.json").read_text())["server_step"] == 5
     assert len(load_file(str(kept / "server_model.safetensors"))) > 0
+
+
+def test_a_full_disk_at_edge_checkpoint_time_is_reported_and_training_goes_on(art, tmp_path, tiny_disk):
+    """The edge checkpoints every 2 steps onto a 40 KiB disk (an edge checkpoint of this model is
+    about 16 KB): the writes that do not fit fail, are logged, and the edge trains on to the end;
+    LATEST names an intact checkpoint that loads, and no temporary is left behind."""
+    from splitedge.runtime_edge.ort_backend import EdgeModel
+
+    port = launch.free_port()
+    ckpt = tiny_disk("40k") / "ckpt"
+    cloud = _cloud(art, port, tmp_path, "--expect-clients", "1", "--exit-when-done")
+    edge = _edge(art, port, tmp_path, 0, 1, "--steps", "12", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    try:
+        assert edge.wait(timeout=240) == 0, _tail(tmp_path / "edge-0.log")
+        assert cloud.wait(timeout=60) == 0, _tail(tmp_path / "cloud.log")
+    finally:
+        _stop(cloud, edge)
+    assert json.loads((tmp_path / "edge-0.json").read_text())["steps"] == 12
+    log = (tmp_path / "edge-0.log").read_text()
+    assert "No space left on device" in log and "the previous one is intact" in log
+    kept = CheckpointDir(ckpt).latest()
+    assert kept is not None and not list(ckpt.glob(".tmp-ckpt-*"))
+    progress = json.loads((kept / "edge_progress.json").read_text())
+    assert 2 <= progress["step"] < 12 and progress["step"] % 2 == 0
+    assert EdgeModel(art, checkpoint=kept / "edge_checkpoint").get_parameters()
