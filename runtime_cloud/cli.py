@@ -80,7 +80,8 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--client-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds of silence after which a client is timed out (the others are not held up).")
 @click.option("--max-message-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
-              help="Largest message accepted; ZeroMQ drops bigger ones before allocating them.")
+              help="Largest message accepted (ZeroMQ drops bigger ones before allocating them), and the largest "
+                   "array a compressed activation may decode to.")
 @click.option("--max-client-errors", type=click.IntRange(min=1), default=20, show_default=True,
               help="Bad messages from one client within --error-window before it is disconnected.")
 @click.option("--error-window", type=click.FloatRange(min=0.1), default=60.0, show_default=True,

@@ -82,6 +82,7 @@ class Session:
     done: bool = False
     timed_out: bool = False
     errors: deque = field(default_factory=deque)  # times of recent bad messages
+    fedavg_round: int = 0  # the last FedAvg round this client sent weights for
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -134,6 +135,7 @@ class CloudServer:
         self.by_client: dict[int, Session] = {}
         self.progress: dict[int, dict[str, Any]] = {}  # client_id -> {last_step, done}; persisted
         self.pending: dict[int, dict[int, tuple[dict[str, np.ndarray], int]]] = {}  # round -> client -> (weights, samples)
+        self.pending_since: dict[int, float] = {}  # round -> when its first weights arrived
         self.server_step = 0
         self.session_id = uuid.uuid4().hex[:12]
         self.metrics = Metrics(cfg.metrics)
@@ -216,6 +218,8 @@ class CloudServer:
                 log.warning("client %d silent for %.0fs: timed out (the others go on)", s.client_id, now - s.last_seen)
                 self.metrics.write("client_timeout", client=s.client_id, last_step=s.last_step)
                 self._complete_rounds()
+        if self.pending:  # rounds that were waiting for clients to join may be due
+            self._complete_rounds()
         if self.ckpt and self.server_step - self._last_ckpt_step >= self.cfg.checkpoint_every:
             try:
                 self._checkpoint()
@@ -480,13 +484,27 @@ class CloudServer:
                 raise P.ProtocolError(f"WEIGHTS {name} contains NaN or Inf", P.ErrorCode.NOT_FINITE)
             weights[name] = w
         self.pending.setdefault(h["round"], {})[s.client_id] = (weights, max(1, h["samples"]))
+        self.pending_since.setdefault(h["round"], time.monotonic())
+        s.fedavg_round = max(s.fedavg_round, h["round"])
         self._complete_rounds()
 
     def _complete_rounds(self) -> None:
-        active = {cid for cid, x in self.by_client.items() if x.active}
+        """Averages every pending round that no active client still owes.
+
+        A client owes round r if it has not sent weights for r, neither now nor in an earlier
+        average of r (a client that joined late, or came back, averages with the others from
+        the next round on). While fewer than --expect-clients clients have joined, rounds wait
+        for them, at most --client-timeout after their first weights arrived.
+        """
+        now = time.monotonic()
         for rnd in sorted(self.pending):
             got = self.pending[rnd]
-            if not got or not active <= set(got):
+            owing = [c for c, x in self.by_client.items() if x.active and c not in got and x.fedavg_round < rnd]
+            waiting_for_joiners = (
+                self.cfg.expect_clients and len(self.by_client) < self.cfg.expect_clients
+                and now - self.pending_since.get(rnd, now) < self.cfg.client_timeout_s
+            )
+            if not got or owing or waiting_for_joiners:
                 continue
             total = sum(n for _, n in got.values())
             names = sorted(self.client_param_shapes)
@@ -501,6 +519,7 @@ class CloudServer:
             log.info("FedAvg round %d over clients %s", rnd, sorted(got))
             self.metrics.write("fedavg", round=rnd, clients=sorted(got), samples=total)
             del self.pending[rnd]
+            self.pending_since.pop(rnd, None)
 
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         s = self._session(identity)

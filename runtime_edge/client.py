@@ -150,7 +150,11 @@ class EdgeClient:
                 curve = security.client_config(cfg.curve_secret, cfg.server_key)
             except security.KeyFileError as e:
                 raise EdgeError(str(e)) from None
-        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve)
+        # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
+        act_bytes = 4 * cfg.batch_size * int(np.prod(self.manifest.activation_shape))
+        param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve,
+                                max_message_bytes=2 * max(act_bytes, param_bytes) + (1 << 20))
         self.fwd_codec: Any = None
         self.settings: dict[str, Any] = {}
         self.fedavg_every = 0
@@ -244,7 +248,7 @@ class EdgeClient:
         self.fedavg_every = h["fedavg_every"]
         if h["last_step"] > self.progress.step:
             # the cloud applied steps this edge's checkpoint does not have: skip their batches, never re-send them
-            skip = h["last_step"] - self.progress.step
+            skip = min(h["last_step"], self.planned_steps) - self.progress.step
             log.warning("the cloud already applied this client's steps up to %d (checkpoint: %d): skipping %d batches",
                         h["last_step"], self.progress.step, skip)
             self._advance(skip)
@@ -253,13 +257,11 @@ class EdgeClient:
                  f", FedAvg every {self.fedavg_every} steps" if self.fedavg_every else "")
 
     def _advance(self, n: int) -> None:
+        """Moves the position in the shard ``n`` steps forward without training on them."""
         p = self.progress
-        for _ in range(n):
-            p.step += 1
-            p.batch += 1
-            if p.batch >= self.batches_per_epoch:
-                p.epoch += 1
-                p.batch = 0
+        n = max(0, min(int(n), self.planned_steps - p.step))
+        p.step += n
+        p.epoch, p.batch = divmod(p.epoch * self.batches_per_epoch + p.batch + n, self.batches_per_epoch)
 
     # ------------------------------------------------------------------ training
 
@@ -325,7 +327,8 @@ class EdgeClient:
                 raise EdgeError(f"the cloud rejected step {step}: {e}") from None
         t3 = time.perf_counter()
         P.expect_frames(msg, 1)
-        grad = sc.decode(msg.frames[0].buffer)
+        # the gradient cannot be larger than the activation it belongs to: bound the decode before it allocates
+        grad = sc.decode(msg.frames[0].buffer, max_bytes=act.nbytes + (1 << 20))
         if grad.shape != act.shape:
             raise EdgeError(f"the cloud sent a gradient of shape {grad.shape} for an activation of shape {act.shape}")
         self.fwd_codec.observe_gradient(grad)
@@ -349,14 +352,26 @@ class EdgeClient:
     def _fedavg(self, rnd: int) -> None:
         params = self.model.get_parameters()
         names = sorted(params)
-        msg = self._request(P.MsgType.WEIGHTS, {
-            "round": rnd, "samples": int(len(self.shard)), "names": names,
-            "shapes": [list(params[k].shape) for k in names],
-        }, [P.array_frame(params[k], "float32") for k in names], P.MsgType.WEIGHTS_AVG, match=("round", rnd))
+        try:
+            msg = self._request(P.MsgType.WEIGHTS, {
+                "round": rnd, "samples": int(len(self.shard)), "names": names,
+                "shapes": [list(params[k].shape) for k in names],
+            }, [P.array_frame(params[k], "float32") for k in names], P.MsgType.WEIGHTS_AVG, match=("round", rnd))
+        except RemoteError as e:
+            if e.code not in (P.ErrorCode.UNKNOWN_CLIENT, P.ErrorCode.UNEXPECTED):
+                raise EdgeError(f"FedAvg round {rnd} failed: {e}") from None
+            # the cloud restarted (its pending rounds are gone): keep the local weights, go on
+            log.warning("FedAvg round %d skipped: %s", rnd, e)
+            if e.code == P.ErrorCode.UNKNOWN_CLIENT:
+                self.hello()
+            return
         expected = {k: params[k].shape for k in names}
         shapes = P.check_shapes(msg.header["names"], msg.header["shapes"], expected, "WEIGHTS_AVG")
         P.expect_frames(msg, len(shapes))
         avg = {k: P.read_array(f, "float32", s, k).copy() for k, s, f in zip(msg.header["names"], shapes, msg.frames)}
+        bad = [k for k, v in avg.items() if not np.isfinite(v).all()]
+        if bad:
+            raise EdgeError(f"the cloud's FedAvg round {rnd} holds NaN or Inf in {', '.join(bad[:3])}: refused")
         self.model.set_parameters(avg)
         log.info("FedAvg round %d: averaged over %d clients", rnd, msg.header["clients"])
 

@@ -219,7 +219,8 @@ def _dealer(port: int) -> zmq.Socket:
 
 def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_artifacts, tmp_path):
     port = launch.free_port()
-    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--expect-clients", "1", "--exit-when-done")
+    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--expect-clients", "1", "--exit-when-done",
+                         "--client-timeout", "5")
     try:
         s = _dealer(port)
         s.send(b"garbage")
@@ -368,3 +369,27 @@ def test_fedavg_leaves_every_client_with_the_same_weighted_average(synth_artifac
     for name in params[0]:
         assert np.array_equal(params[0][name], params[1][name]) and np.array_equal(params[0][name], params[2][name])
     assert not np.array_equal(params[0]["conv1.weight"], init["conv1.weight"])
+
+
+def test_fedavg_with_a_late_joiner_does_not_deadlock(synth_artifacts, tmp_path):
+    """Client 0 averages alone until clients 1 and 2 join; they catch up on the rounds client 0 has
+    passed among themselves, then all three average together; everyone finishes."""
+    port = launch.free_port()
+    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--fedavg-every", "5",
+                         "--client-timeout", "30")
+    edges = [_start_edge(synth_artifacts, port, tmp_path, 0, 3, "--steps", "60")]
+    try:
+        _wait_for(lambda: any(e["event"] == "fedavg" for e in launch.read_jsonl(tmp_path / "metrics.jsonl")), 120,
+                  "client 0's first FedAvg round")
+        edges += [_start_edge(synth_artifacts, port, tmp_path, c, 3, "--steps", "40") for c in (1, 2)]
+        for c, e in enumerate(edges):
+            assert e.wait(timeout=240) == 0, (tmp_path / f"edge-{c}.log").read_text()
+        rounds = [(e["round"], e["clients"]) for e in launch.read_jsonl(tmp_path / "metrics.jsonl")
+                  if e["event"] == "fedavg"]
+        assert rounds[0] == (1, [0]) and (1, [1, 2]) in rounds
+        assert any(clients == [0, 1, 2] for _, clients in rounds), rounds
+        for c, steps in ((0, 60), (1, 40), (2, 40)):
+            assert json.loads((tmp_path / f"edge-{c}.json").read_text())["steps"] == steps
+    finally:
+        for p in (cloud, *edges):
+            p.kill()
