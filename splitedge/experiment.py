@@ -1034,7 +1034,8 @@ def main(config, out, dry_run, only, report_only, progress_every):
     \b
     Example:
       splitedge experiment experiments/papers.toml --dry-run
-      splitedge experiment experiments/papers.toml --out docs/results/papers
+      splitedge experiment experiments/papers.toml
+      splitedge experiment experiments/papers.toml --only 'sgq4-*' --out /tmp/sgq
     """
     try:
         exp = load_config(config, out)
