@@ -17,7 +17,15 @@ The paper's full formulas were not available; this is the project's interpretati
 ``keep`` is R, the expected kept fraction of channels (default 0.5).  No 1/p rescaling of
 the kept channels (the dropout is a compressor, not a regulariser: rescaling would
 amplify the quantization error of rarely kept channels).  Evaluation
-(``training=False``): every channel is kept (deterministic; quantization only).
+(``training=False``): every channel is kept and replaced by its expectation under the
+training-time dropout, as the original dropout scales at test time:
+
+    x_eval,c = p_c x_c + (1 - p_c) fill_c      (fill_c = 0, or the channel mean)
+
+then quantized like a kept channel.  Without this the server, trained on inputs whose
+channels are zeroed with probability 1 - p_c, was evaluated on full-strength inputs
+(a measured drop from 79 % train to 41-61 % test accuracy on Fashion-MNIST).
+``error_bound`` describes training payloads (it compares with the unscaled input).
 
 backward: the gradient is dropped on the same channels: dL/dQ(X) times the kept mask.
 
@@ -94,13 +102,18 @@ class SplitFC(Codec):
         b = self._p["bits"]
         mn, mx = x3.min(axis=(0, 2)), x3.max(axis=(0, 2))
         check_finite(mn, mx)
+        sigma = x3.std(axis=(0, 2), dtype=np.float64)
+        p = keep_probabilities(sigma, self._p["keep"])
         if training:
-            sigma = x3.std(axis=(0, 2), dtype=np.float64)
-            p = keep_probabilities(sigma, self._p["keep"])
             self.last_keep_prob = p
             kept = self._rng.random(c) < p
         else:
+            # the expectation of the training-time output (see the module docstring)
             kept = np.ones(c, bool)
+            fill_c = x3.mean(axis=(0, 2), dtype=np.float64) if self._p["fill"] == "mean" else np.zeros(c)
+            x3 = (x3 * p.astype(np.float32)[None, :, None]
+                  + ((1 - p) * fill_c).astype(np.float32)[None, :, None]).astype(np.float32)
+            mn, mx = x3.min(axis=(0, 2)), x3.max(axis=(0, 2))
         kidx = np.flatnonzero(kept)
         sub = x3[:, kidx, :] if kidx.size < c else x3
         lo, hi = mn[kidx], mx[kidx]

@@ -440,3 +440,16 @@ def test_cag_switch_off_is_the_ablation():
     assert meta_on["significance"] is True and not np.array_equal(meta_on["weights"], meta["weights"])
     with pytest.raises(ValueError, match="shape"):
         on.observe_gradient(np.ones((1, 12, 5, 5), np.float32))
+
+
+def test_splitfc_evaluation_payload_is_the_expectation_of_training_payloads():
+    """SplitFC drops channel c with probability 1 - p_c in training; an evaluation payload must
+    carry what the server saw on average, E[x_hat_c] = p_c x_c (fill zero), not the full x_c."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 8, 5, 5)) * np.linspace(0.1, 2.0, 8)[None, :, None, None] + 1.0).astype(np.float32)
+    train = codecs.get("splitfc", bits=8, keep=0.5, seed=1)
+    mean = np.mean([codecs.decode(train.encode(x)) for _ in range(4000)], axis=0)
+    ev = codecs.decode(codecs.get("splitfc", bits=8, keep=0.5).encode(x, training=False))
+    # 4000 Bernoulli draws per channel: the sample mean is within ~3/sqrt(4000) of p_c in relative terms
+    np.testing.assert_allclose(ev, mean, atol=0.06 * np.abs(x).max())
+    assert np.abs(ev - x).max() > 0.1, "evaluation is not the unscaled input any more"
