@@ -133,6 +133,9 @@ def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool) -> onnx
             # "Removing mutation from node aten::add_ on block input: 'bn1.num_batches_tracked'":
             # expected, ORT does not track that counter
             warnings.filterwarnings("ignore", message=".*num_batches_tracked.*")
+            # the legacy exporter is chosen on purpose (the dynamo one exports BN in inference form)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 part,
                 (sample,),
