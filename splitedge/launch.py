@@ -85,6 +85,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+class _JsonlTail:
+    """Reads the complete lines appended to a JSON-lines file since the last call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line being written stays for the next call
+        self.offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+
 def _tail(path: Path, n: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -126,7 +151,8 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
             (wd / f"edge-{cid}.cmd").write_text(" ".join(cmd) + "\n")
             procs.append((f"edge-train {cid}", subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                                                 env=env), log))
-        seen = 0
+        tail = _JsonlTail(metrics)
+        events: list[dict[str, Any]] = []
         while True:
             if time.monotonic() - t0 > spec.timeout_s:
                 raise RunFailed(f"run in {wd} exceeded {spec.timeout_s:.0f}s")
@@ -137,9 +163,9 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
             if all(p.poll() == 0 for _, p, _ in procs):
                 break
             if on_tick is not None:
-                events = read_jsonl(metrics)
-                if len(events) != seen:
-                    seen = len(events)
+                new = tail.read()
+                if new:
+                    events.extend(new)
                     on_tick(events)
             time.sleep(0.2)
     finally:
