@@ -31,13 +31,12 @@ from . import bitpack
 from . import format as fmt
 from .base import Codec, Param, as3, bits_param, expect_sections, prod, read_struct, seed_param
 from .sgq import (
-    check_codebooks,
     checked_means,
+    fit_groups,
     group_sizes,
     padded_index,
     parse_books_codes,
     parse_groups,
-    stripe_vq,
     vq_reconstruct,
 )
 
@@ -73,17 +72,7 @@ class PQ(Codec):
             pidx, pU = self._warm
             if pidx.shape == idx.shape and (pidx == idx).all() and pU.shape[1] == (1 << bits):
                 warm = pU
-        with np.errstate(over="raise"):
-            try:
-                U, labels = stripe_vq(
-                    x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm, means
-                )
-            except FloatingPointError:
-                raise ValueError("input values too large: squared distances overflow float32") from None
-        check_codebooks(U)
-        if training or self._warm is None:
-            self._warm = (idx, U)
-        books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])
+        U, labels, books = fit_groups(self, x3, idx, wpad, sizes, bits, warm, means, training)
         params = np.array([bits], "<u1").tobytes() + np.array([sizes.size], "<u2").tobytes()
         return params, [sizes.astype("<u2"), books.astype("<f4"), bitpack.pack(labels, bits, check=False)]
 

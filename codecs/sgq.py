@@ -188,6 +188,21 @@ def stripe_vq(
     return U, labels.reshape(g, n, s)
 
 
+def fit_groups(codec, x3, idx, wpad, sizes, bits, warm, means, training):
+    """stripe_vq with the codec's generator and settings, the overflow check, and the warm-start
+    state kept for the next encode (training batches only). Returns (U, labels, flat codebooks)."""
+    with np.errstate(over="raise"):
+        try:
+            U, labels = stripe_vq(x3, idx, wpad, bits, codec._rng, codec._p["iters"], codec._p["sample"], warm, means)
+        except FloatingPointError:
+            raise ValueError("input values too large: squared distances overflow float32") from None
+    check_codebooks(U)
+    if training or codec._warm is None:
+        codec._warm = (idx, U)
+    books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])
+    return U, labels, books
+
+
 def checked_means(x3: np.ndarray) -> np.ndarray:
     """Channel means per sample (N, C), one pass; doubles as the NaN/Inf check of the input."""
     p = x3 @ np.full(x3.shape[2], 1.0 / x3.shape[2], np.float32)
@@ -476,17 +491,7 @@ class SGQ(Codec):
                 if same.any():
                     warm = np.full(pU.shape, np.nan, np.float32)
                     warm[same] = pU[same]
-        with np.errstate(over="raise"):
-            try:
-                U, labels = stripe_vq(
-                    x3, idx, wpad, bits, self._rng, self._p["iters"], self._p["sample"], warm, means
-                )
-            except FloatingPointError:
-                raise ValueError("input values too large: squared distances overflow float32") from None
-        check_codebooks(U)
-        if training or self._warm is None:
-            self._warm = (idx, U)
-        books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])
+        U, labels, books = fit_groups(self, x3, idx, wpad, sizes, bits, warm, means, training)
         flags = self.flag_cag if self._p["significance"] else 0
         params = np.array([bits], "<u1").tobytes() + np.array([sizes.size], "<u2").tobytes() + bytes([flags])
         return params, [

@@ -7,13 +7,11 @@ import time
 
 import click
 
+from ..cli import UserError
+
 from . import zoo_names
 
 
-class UserError(click.ClickException):
-    """A request that cannot be carried out; nothing was written. Exit code 2."""
-
-    exit_code = 2
 
 
 class InputShape(click.ParamType):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from ..cli import UserError
+
 from .cli import ProfileParam
 
 
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 class SshHost(click.ParamType):

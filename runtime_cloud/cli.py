@@ -7,11 +7,11 @@ import sys
 
 import click
 
+from ..cli import UserError
+
 from .. import codecs as sc
 
 
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 def parse_params(items: tuple[str, ...], option: str) -> dict:

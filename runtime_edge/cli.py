@@ -7,28 +7,24 @@ import sys
 
 import click
 
+from ..cli import UserError
+
 from ..profiles.cli import ProfileParam
 
 
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 class Partition(click.ParamType):
     name = "iid|dirichlet:ALPHA"
 
     def convert(self, value, param, ctx):
-        v = str(value)
-        if v == "iid":
-            return v
-        if v.startswith("dirichlet:"):
-            try:
-                alpha = float(v.split(":", 1)[1])
-            except ValueError:
-                alpha = -1.0
-            if alpha > 0:
-                return v
-        self.fail(f"{v!r} is not 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)", param, ctx)
+        from .data import parse_scheme
+
+        try:
+            parse_scheme(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

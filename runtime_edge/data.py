@@ -1349,7 +1349,8 @@ DIRICHLET_MIN_SIZE = 10
 DIRICHLET_MAX_DRAWS = 100
 
 
-def _parse_scheme(scheme: str) -> tuple[str, float]:
+def parse_scheme(scheme: str) -> tuple[str, float]:
+    """``iid`` -> ("iid", 0); ``dirichlet:ALPHA`` -> ("dirichlet", ALPHA). ValueError names the accepted forms."""
     if not isinstance(scheme, str):
         raise ValueError(f"scheme must be a string, one of {', '.join(PARTITION_SCHEMES)}; got {scheme!r}")
     if scheme == "iid":
@@ -1391,7 +1392,7 @@ def partition_all(
         raise ValueError(f"labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
     k = _check_int("num_clients", num_clients, 1)
     seed = _check_int("seed", seed, 0)
-    kind, alpha = _parse_scheme(scheme)
+    kind, alpha = parse_scheme(scheme)
     n = int(y.shape[0])
     m = _check_int("min_size", min_size, 0) if min_size is not None else (1 if kind == "iid" else DIRICHLET_MIN_SIZE)
     if n < k * m:

@@ -82,6 +82,8 @@ from typing import Any, Callable, Iterable
 
 import click
 
+from .cli import UserError
+
 RESULT_VERSION = 1  # of result.json and results.json
 
 # ----------------------------------------------------------------------------------- config
@@ -339,17 +341,14 @@ def parse_codec(where: str, entry: Any) -> CodecSpec:
 
 
 def _partition(where: str, v: Any) -> str:
+    from .runtime_edge.data import parse_scheme
+
     v = _str(where, v)
-    if v == "iid":
-        return v
-    if v.startswith("dirichlet:"):
-        try:
-            alpha = float(v.split(":", 1)[1])
-        except ValueError:
-            alpha = -1.0
-        if alpha > 0 and math.isfinite(alpha):
-            return v
-    raise ConfigError(f"{where}: {v!r} is not 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)")
+    try:
+        parse_scheme(v)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return v
 
 
 def _bandwidth(where: str, v: Any) -> str | None:
@@ -995,8 +994,6 @@ def write_outputs(exp: Experiment, failed: list[dict[str, Any]], plots: bool = T
 # ----------------------------------------------------------------------------------- command
 
 
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 def _select(exp: Experiment, patterns: tuple[str, ...]) -> list[tuple[RunConfig, float]]:
