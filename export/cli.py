@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ..cli import UserError
+from ..errors import UserError
 
 from . import zoo_names
 

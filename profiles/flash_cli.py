@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import UserError
+from ..errors import UserError
 
 from .cli import ProfileParam
 

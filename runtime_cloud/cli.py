@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..cli import UserError
+from ..errors import UserError
 
 from .. import codecs as sc
 

@@ -26,15 +26,6 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class UserError(click.ClickException):
-    """A request that cannot be carried out as given (bad input, nothing was done): exit code 2.
-
-    Shared by every command of the distribution, so that bad input means exit code 2 everywhere.
-    """
-
-    exit_code = 2
-
-
 class LazyGroup(click.Group):
     def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from .cli import UserError
+from .errors import UserError
 
 RESULT_VERSION = 1  # of result.json and results.json
 
