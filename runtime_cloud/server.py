@@ -85,6 +85,7 @@ class Session:
     fedavg_round: int = 0  # the last FedAvg round this client sent weights for
     bytes_in: int = 0
     bytes_out: int = 0
+    key: str | None = None  # the edge's CurveZMQ public key (Z85) when CURVE is on
 
     @property
     def active(self) -> bool:
@@ -133,7 +134,7 @@ class CloudServer:
         self.client_param_shapes = _client_param_shapes(self.manifest)
         self.sessions: dict[bytes, Session] = {}
         self.by_client: dict[int, Session] = {}
-        self.progress: dict[int, dict[str, Any]] = {}  # client_id -> {last_step, done}; persisted
+        self.progress: dict[int, dict[str, Any]] = {}  # client_id -> {last_step, done[, key]}; persisted
         self.pending: dict[int, dict[int, tuple[dict[str, np.ndarray], int]]] = {}  # round -> client -> (weights, samples)
         self.pending_since: dict[int, float] = {}  # round -> when its first weights arrived
         self.server_step = 0
@@ -143,6 +144,7 @@ class CloudServer:
         self._stop = False
         self._last_ckpt_step = 0
         self.errors_total = 0
+        self._current_key: str | None = None  # the authenticated key of the message being handled
         if cfg.resume:
             self._resume()
         self.ctx = zmq.Context.instance()
@@ -253,7 +255,21 @@ class CloudServer:
 
     def _dispatch(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         msg = None
+        key = self._peer_key(frames)
         session = self.sessions.get(identity)
+        if session is not None and session.key is not None and key != session.key:
+            # another key on a routing identity whose session belongs to a different edge (possible once
+            # that edge has disconnected): never let it act for that session, nor count errors against it
+            self.errors_total += 1
+            log.warning("a peer with another CurveZMQ key uses the routing identity of client %d: refused",
+                        session.client_id)
+            self.metrics.write("error", client=None, code=P.ErrorCode.CLIENT_ID_TAKEN, step=None,
+                               message=f"routing identity of client {session.client_id} used with another key")
+            self._send_raw(identity, P.MsgType.ERROR, {
+                "code": P.ErrorCode.CLIENT_ID_TAKEN, "re": None, "step": None,
+                "message": "this connection's identity belongs to another edge's key; reconnect with a new identity"})
+            return
+        self._current_key = key
         if session is not None:
             session.last_seen = time.monotonic()
             if session.timed_out:
@@ -301,6 +317,26 @@ class CloudServer:
                                                        "message": "too many bad messages; say HELLO again"})
                 self._forget(session)
 
+    @staticmethod
+    def _progress_entry(s: Session, *, done: bool, last_step: int | None = None) -> dict[str, Any]:
+        """What the checkpoint keeps of a client: its last applied step, whether it finished, its key."""
+        e: dict[str, Any] = {"last_step": s.last_step if last_step is None else last_step, "done": done}
+        if s.key is not None:
+            e["key"] = s.key
+        return e
+
+    def _peer_key(self, frames: list[Any]) -> str | None:
+        """The CurveZMQ public key (Z85) that the ZAP handler authenticated for this message; None without CURVE."""
+        if self.auth is None or not frames:
+            return None
+        try:
+            return frames[0].get("User-Id")
+        except (AttributeError, zmq.ZMQError, UnicodeDecodeError):
+            return None
+
+    def _send_raw(self, identity: bytes, type_: P.MsgType, header: dict) -> None:
+        self.ep.send(P.pack(type_, header, None), identity)
+
     def _send(self, identity: bytes, type_: P.MsgType, header: dict, frames: list | None = None) -> list:
         out = P.pack(type_, header, frames)
         n = self.ep.send(out, identity)
@@ -338,18 +374,24 @@ class CloudServer:
         cid = h["client_id"]
         if cid < 0:
             raise P.ProtocolError(f"client_id must be >= 0, got {cid}")
+        key = self._current_key
+        bound = self.progress.get(cid, {}).get("key")
+        if key is not None and bound is not None and bound != key:
+            raise P.ProtocolError(
+                f"client_id {cid} belongs to another edge's CurveZMQ key in this run; give this edge its own "
+                "--client-id", P.ErrorCode.CLIENT_ID_TAKEN)
         old = self.by_client.get(cid)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
         grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
-        s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]))
+        s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]), key=key)
         prev = self.progress.get(cid, {})
         s.last_step = int(prev.get("last_step", old.last_step if old else 0))
         s.bytes_in = msg.nbytes
         self.sessions[identity] = s
         self.by_client[cid] = s
-        self.progress[cid] = {"last_step": s.last_step, "done": False}
+        self.progress[cid] = self._progress_entry(s, done=False)
         log.info("client %d joined (%d samples, its step %d, applied here %d)", cid, s.samples, h["resume_step"], s.last_step)
         self.metrics.write("client_joined", client=cid, samples=s.samples, last_step=s.last_step,
                            resume_step=h["resume_step"])
@@ -415,7 +457,7 @@ class CloudServer:
         self.server_step += 1
         s.last_step = step
         s.steps += 1
-        self.progress[s.client_id] = {"last_step": step, "done": False}
+        self.progress[s.client_id] = self._progress_entry(s, done=False, last_step=step)
         fed_round = step // self.cfg.fedavg_every if self.cfg.fedavg_every and step % self.cfg.fedavg_every == 0 else None
         timings = {
             "decode_ms": round((t1 - t0) * 1000, 3), "compute_ms": round((t2 - t1) * 1000, 3),
@@ -524,7 +566,7 @@ class CloudServer:
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         s = self._session(identity)
         s.done = True
-        self.progress[s.client_id] = {"last_step": s.last_step, "done": True}
+        self.progress[s.client_id] = self._progress_entry(s, done=True)
         log.info("client %d finished after %d steps (%s)", s.client_id, msg.header["steps"], msg.header["reason"])
         self.metrics.write("client_done", client=s.client_id, steps=msg.header["steps"], applied=s.last_step,
                            reason=msg.header["reason"], bytes_in=s.bytes_in, bytes_out=s.bytes_out)
@@ -548,7 +590,7 @@ class CloudServer:
     def _checkpoint(self) -> None:
         assert self.ckpt is not None
         for s in self.by_client.values():
-            self.progress[s.client_id] = {"last_step": s.last_step, "done": s.done}
+            self.progress[s.client_id] = self._progress_entry(s, done=s.done)
 
         def write(d: Path) -> None:
             self.model.save(d)

@@ -28,8 +28,8 @@ SYNTH = "synthetic:n=512,classes=10,shape=1x28x28,seed=0"
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("keys")
-    security.generate(d, clients=2)
-    # client-1 exists but is not authorized: its public key is moved out of the cloud's list
+    security.generate(d, clients=3)
+    # client-1 exists but is not authorized: its public key is moved out of the cloud's list (0 and 2 are)
     (d / "authorized_clients" / "client-1.key").rename(d / "client-1.key.unlisted")
     return d
 
@@ -214,6 +214,86 @@ def test_captured_traffic_contains_raw_activations_only_without_curve(art, keys,
         assert not any(found) and not any(markers)
     else:
         assert all(found) and all(markers)
+
+
+def _dealer(port: int, keys, client: int, identity: bytes) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 60000)
+    s.setsockopt(zmq.IDENTITY, identity)
+    security.apply_client(s, security.client_config(keys / "clients" / f"client-{client}.key_secret",
+                                                    keys / "server.key"))
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def _hello(s: zmq.Socket, client_id: int) -> P.Message:
+    s.send_multipart(P.pack(P.MsgType.HELLO, {
+        "client_id": client_id, "num_clients": 2, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
+        "input_shape": [1, 28, 28], "num_classes": 10, "samples": 4, "resume_step": 0, "planned_steps": 1}))
+    return P.unpack(s.recv_multipart())
+
+
+def test_client_ids_are_bound_to_keys(art, keys, tmp_path):
+    """With CURVE, the first key to say HELLO as a client id owns it for the run: another listed key can
+    neither take that id (nor its session through the same routing identity), and gets a clear refusal;
+    the owner keeps training."""
+    port = launch.free_port()
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "1"]
+    cloud = _cloud(art, port, tmp_path, *_curve_args(keys), *ckpt)
+    socks = []
+    try:
+        owner = _dealer(port, keys, 0, b"shared-identity")
+        socks.append(owner)
+        assert _hello(owner, 0).type == P.MsgType.WELCOME
+        assert _hello(owner, 0).type == P.MsgType.WELCOME, "the owner may say HELLO again (reconnects)"
+        owner.close()
+        time.sleep(0.5)  # the routing identity is free again
+
+        thief = _dealer(port, keys, 2, b"shared-identity")
+        socks.append(thief)
+        thief.send_multipart(P.pack(P.MsgType.PING, {"t": 1.0}))
+        reply = P.unpack(thief.recv_multipart())
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN
+        reply = _hello(thief, 1)
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN, \
+            "not even a HELLO for a free id goes through another key's session"
+
+        other = _dealer(port, keys, 2, b"own-identity")
+        socks.append(other)
+        reply = _hello(other, 0)
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN
+        assert "belongs to another edge" in reply.header["message"]
+        assert _hello(other, 1).type == P.MsgType.WELCOME, "a free id is bound to the new key"
+
+        # the real edges: the owner of id 0 trains; client-2's key cannot train as id 0 but can as id 1
+        ok = _edge(art, port, tmp_path, "--curve-secret", str(keys / "clients" / "client-0.key_secret"),
+                   "--server-key", str(keys / "server.key"), "--num-clients", "2", name="owner")
+        assert ok.returncode == 0, ok.stderr
+        bad = _edge(art, port, tmp_path, "--curve-secret", str(keys / "clients" / "client-2.key_secret"),
+                    "--server-key", str(keys / "server.key"), "--num-clients", "2", name="taken")
+        assert bad.returncode == 1 and "client_id_taken" in bad.stderr, bad.stderr
+        mine = _edge(art, port, tmp_path, "--curve-secret", str(keys / "clients" / "client-2.key_secret"),
+                     "--server-key", str(keys / "server.key"), "--num-clients", "2", "--client-id", "1", name="mine")
+        assert mine.returncode == 0, mine.stderr
+        steps = [e for e in launch.read_jsonl(tmp_path / "m.jsonl") if e["event"] == "step"]
+        assert sorted((e["client"], e["step"]) for e in steps) == [(c, i) for c in (0, 1) for i in range(1, 6)]
+        assert cloud.poll() is None
+
+        # the binding survives a restart from the checkpoint
+        cloud.terminate()
+        assert cloud.wait(timeout=60) == 0
+        cloud = _cloud(art, port, tmp_path, *_curve_args(keys), *ckpt, "--resume")
+        late = _dealer(port, keys, 2, b"after-restart")
+        socks.append(late)
+        reply = _hello(late, 0)
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN
+        assert _hello(late, 1).type == P.MsgType.WELCOME
+    finally:
+        for s in socks:
+            s.close()
+        cloud.terminate()
+        cloud.wait(timeout=30)
 
 
 def test_binding_beyond_loopback_without_keys_warns(art, tmp_path):
