@@ -145,6 +145,7 @@ class CloudServer:
         self._last_ckpt_step = 0
         self.errors_total = 0
         self._current_key: str | None = None  # the authenticated key of the message being handled
+        self.partitions: dict[str, tuple[str, int, str]] = {}  # partition plan -> (digest, first client, its numpy)
         if cfg.resume:
             self._resume()
         self.ctx = zmq.Context.instance()
@@ -380,6 +381,7 @@ class CloudServer:
             raise P.ProtocolError(
                 f"client_id {cid} belongs to another edge's CurveZMQ key in this run; give this edge its own "
                 "--client-id", P.ErrorCode.CLIENT_ID_TAKEN)
+        self._check_partition(cid, h.get("partition"))
         old = self.by_client.get(cid)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
@@ -399,6 +401,28 @@ class CloudServer:
             "session": self.session_id, **self.codec_settings(), "fedavg_every": self.cfg.fedavg_every,
             "last_step": s.last_step, "server_step": self.server_step,
         })
+
+    def _check_partition(self, cid: int, info: Any) -> None:
+        """Edges that partition the same data with the same scheme and seed must agree on the shards
+        (HELLO's optional ``partition``: plan, digest, numpy); otherwise their shards overlap silently."""
+        if info is None:
+            return
+        if not (isinstance(info, dict) and all(isinstance(info.get(k), str) and 0 < len(info[k]) <= 64
+                                               for k in ("plan", "digest", "numpy"))):
+            raise P.ProtocolError("HELLO.partition must hold the strings plan, digest and numpy (64 characters at most)")
+        seen = self.partitions.get(info["plan"])
+        if seen is None:
+            if len(self.partitions) < 1024:
+                self.partitions[info["plan"]] = (info["digest"], cid, info["numpy"])
+            return
+        digest, other, other_numpy = seen
+        if digest != info["digest"]:
+            why = (f"numpy {info['numpy']} here, {other_numpy} there: their random streams differ"
+                   if info["numpy"] != other_numpy else "same numpy version: the data or the code differ")
+            raise P.ProtocolError(
+                f"client {cid} computed a different partition than client {other} for the same data, --partition "
+                f"and --seed ({why}); their shards would overlap. Use the same splitedge and numpy on every edge.",
+                P.ErrorCode.INCOMPATIBLE)
 
     def _decode_activation(self, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
         if n < 1:

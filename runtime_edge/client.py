@@ -131,7 +131,14 @@ class EdgeClient:
         if self.train_set.num_classes > self.manifest.num_classes:
             raise EdgeError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
                             f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
-        self.shard = D.partition(self.train_set.labels, cfg.num_clients, cfg.client_id, cfg.partition, cfg.seed)
+        if not 0 <= cfg.client_id < cfg.num_clients:
+            raise EdgeError(f"--client-id {cfg.client_id} must lie in 0..{cfg.num_clients - 1}")
+        try:
+            shards = D.partition_all(self.train_set.labels, cfg.num_clients, cfg.partition, cfg.seed)
+        except ValueError as e:
+            raise D.DatasetError(f"--partition {cfg.partition} of {cfg.data} over --num-clients {cfg.num_clients}: {e}") from None
+        self.shard = shards[cfg.client_id]
+        self.partition_info = D.partition_fingerprint(self.train_set.labels, shards, cfg.partition, cfg.seed)
         self.batches_per_epoch = len(self.shard) // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise EdgeError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
@@ -234,7 +241,7 @@ class EdgeClient:
             "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "model": m.model, "cut": m.cut,
             "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
             "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
-            "planned_steps": self.planned_steps,
+            "planned_steps": self.planned_steps, "partition": self.partition_info,
         }, [], P.MsgType.WELCOME)
         h = msg.header
         try:

@@ -69,6 +69,7 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -1475,6 +1476,26 @@ def partition(
     if cid >= k:
         raise ValueError(f"client_id must lie in 0..{k - 1} for num_clients={k}, got {cid}")
     return partition_all(labels, k, scheme, seed, min_size=min_size)[cid]
+
+
+def partition_fingerprint(
+    labels: np.ndarray | Sequence[int], shards: Sequence[np.ndarray], scheme: str, seed: int
+) -> dict[str, str]:
+    """What an edge tells the cloud about the partition it computed, so that edges whose shards
+    would silently overlap are caught (e.g. numpy versions whose random streams differ).
+
+    ``plan``: sha256 of the inputs (labels, scheme, seed, number of clients); ``digest``: sha256
+    of every shard. Edges with equal plans must have equal digests. Hex strings, 32 characters.
+    """
+    y = np.ascontiguousarray(np.asarray(labels), "<i8")
+    plan = hashlib.sha256(f"{scheme}|{int(seed)}|{len(shards)}|{y.size}|".encode())
+    plan.update(y.tobytes())
+    digest = hashlib.sha256()
+    for sh in shards:
+        a = np.ascontiguousarray(sh, "<i8")
+        digest.update(np.int64(a.size).astype("<i8").tobytes())
+        digest.update(a.tobytes())
+    return {"plan": plan.hexdigest()[:32], "digest": digest.hexdigest()[:32], "numpy": np.__version__}
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,9 @@ number of payload frames):
 type         id    direction    header                                                     frames
 ===========  ====  ===========  =========================================================  ======
 HELLO        1     edge->cloud  client_id, num_clients, model, cut, activation_shape,      0
-                                input_shape, num_classes, samples, resume_step, planned_steps
+                                input_shape, num_classes, samples, resume_step, planned_steps,
+                                [partition {plan, digest, numpy}: see runtime_edge.data.
+                                partition_fingerprint; edges with one plan must agree]
 WELCOME      2     cloud->edge  session, codec {name, params}, grad_codec {name, params},  0
                                 fedavg_every, last_step (steps already applied for
                                 this client id), server_step

@@ -803,3 +803,17 @@ def test_import_pulls_in_neither_torch_nor_onnxruntime_nor_pillow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_partition_fingerprint_tells_equal_plans_and_differing_shards_apart():
+    y = np.random.default_rng(0).integers(0, 10, 1000)
+    shards = D.partition_all(y, 4, "dirichlet:0.5", 3)
+    a = D.partition_fingerprint(y, shards, "dirichlet:0.5", 3)
+    assert a == D.partition_fingerprint(y.copy(), D.partition_all(y, 4, "dirichlet:0.5", 3), "dirichlet:0.5", 3)
+    assert a["numpy"] == np.__version__ and len(a["plan"]) == len(a["digest"]) == 32
+    # another seed or scheme is another plan; the same plan with other shards is another digest
+    assert D.partition_fingerprint(y, shards, "dirichlet:0.5", 4)["plan"] != a["plan"]
+    assert D.partition_fingerprint(y, shards, "iid", 3)["plan"] != a["plan"]
+    moved = [shards[0][1:], np.sort(np.concatenate([shards[1], shards[0][:1]])), shards[2], shards[3]]
+    b = D.partition_fingerprint(y, moved, "dirichlet:0.5", 3)
+    assert b["plan"] == a["plan"] and b["digest"] != a["digest"]

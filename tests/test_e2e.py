@@ -256,6 +256,22 @@ def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_
         s.send_multipart(P.pack(P.MsgType.TRAIN, header, [_fp32_with_nan(nan), np.zeros(2, np.int64).tobytes()]))
         reply = P.unpack(s.recv_multipart())
         assert reply.header["code"] in ("not_finite", "bad_payload") and "NaN" in reply.header["message"]
+
+        # edges that partition the same data differently (e.g. numpy versions whose streams differ) are refused
+        plan = {"plan": "p" * 32, "digest": "a" * 32, "numpy": "1.26.4"}
+        s.send_multipart(P.pack(P.MsgType.HELLO, {**hello, "client_id": 3, "partition": plan}))
+        assert P.unpack(s.recv_multipart()).type == P.MsgType.WELCOME
+        s.send_multipart(P.pack(P.MsgType.HELLO, {**hello, "client_id": 4, "partition": {**plan, "digest": "b" * 32,
+                                                                                          "numpy": "2.4.0"}}))
+        reply = P.unpack(s.recv_multipart())
+        assert reply.header["code"] == "incompatible", reply.header
+        assert "client 4 computed a different partition than client 3" in reply.header["message"]
+        assert "numpy 2.4.0 here, 1.26.4 there" in reply.header["message"]
+        s.send_multipart(P.pack(P.MsgType.HELLO, {**hello, "client_id": 5, "partition": plan}))
+        assert P.unpack(s.recv_multipart()).type == P.MsgType.WELCOME, "an agreeing edge joins"
+        s.send_multipart(P.pack(P.MsgType.HELLO, {**hello, "client_id": 6, "partition": {"plan": 1}}))
+        reply = P.unpack(s.recv_multipart())
+        assert reply.header["code"] == "bad_message" and "HELLO.partition" in reply.header["message"]
         s.close()
 
         edge = _start_edge(synth_artifacts, port, tmp_path, 0, 1, "--steps", "10")
@@ -393,3 +409,12 @@ def test_fedavg_with_a_late_joiner_does_not_deadlock(synth_artifacts, tmp_path):
     finally:
         for p in (cloud, *edges):
             p.kill()
+
+
+def test_edge_train_refuses_more_clients_than_samples(synth_artifacts):
+    res = subprocess.run(launch.script("edge-train") + [
+        "--artifacts", str(synth_artifacts), "--data", "synthetic:n=64,classes=10,shape=1x28x28,seed=0",
+        "--num-clients", "100", "--client-id", "3", "--give-up", "5"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--num-clients 100" in res.stderr and "at least min_size=1 of 64 samples" in res.stderr
+    assert "Traceback" not in res.stderr
