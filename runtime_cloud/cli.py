@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import UserError
+from ..transport import endpoint_option
 
 from .. import codecs as sc
 
@@ -42,7 +43,7 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--artifacts", "-a", required=True, type=click.Path(file_okay=False),
               help="Artifact directory written by export-client (the cloud reads server/ and manifest.json).")
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, callback=endpoint_option,
               help="ZeroMQ endpoint to listen on (tcp://HOST:PORT or ipc://PATH).")
 @click.option("--codec", type=click.Choice(sc.available()), default="sgq", show_default=True,
               help="Codec of the activations (edge -> cloud). The cloud's settings are sent to every edge.")

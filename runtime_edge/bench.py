@@ -25,6 +25,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..errors import UserError
+from ..export.zoo_names import MODEL_NAMES
+
 
 def _median_ms(fn, repeat: int, warmup: int = 3) -> float:
     for _ in range(warmup):
@@ -104,7 +107,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--shapes", default="1x28x28,3x32x32", show_default=True, help="Input shapes CxHxW, comma-separated list.")
-@click.option("--model", default="resnet18", show_default=True, help="Zoo model.")
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="resnet18", show_default=True, help="Zoo model.")
 @click.option("--cut", type=int, default=3, show_default=True, help="Cut index.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size.")
 @click.option("--codecs", "codec_list", default=None, help="Codecs to time, comma-separated [default: all].")
@@ -129,8 +132,13 @@ def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json
             raise click.BadParameter(f"unknown codec {n!r}; available: {', '.join(sc.available())}", param_hint="--codecs")
     results = []
     for shape in shape_list:
-        r = measure(shape, model=model, cut=cut, batch=batch_size, codecs=names, bits=bits, repeat=repeat,
-                    threads=threads or None)
+        from ..export.onnx_export import ExportError
+
+        try:
+            r = measure(shape, model=model, cut=cut, batch=batch_size, codecs=names, bits=bits, repeat=repeat,
+                        threads=threads or None)
+        except ExportError as e:  # a cut out of range, a shape too small for the model
+            raise UserError(f"{model} cut {cut}, input {'x'.join(map(str, shape))}: {e}") from None
         results.append(r)
         click.echo(f"\n{model} cut {cut}, batch {batch_size}, input {'x'.join(map(str, shape))} -> activation "
                    f"{'x'.join(map(str, r['activation_shape'][1:]))}")

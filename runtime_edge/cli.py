@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import UserError
+from ..transport import endpoint_option
 
 from ..profiles.cli import ProfileParam
 
@@ -30,7 +31,8 @@ class Partition(click.ParamType):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--artifacts", "-a", required=True, type=click.Path(file_okay=False),
               help="Artifact directory written by export-client (the edge reads client/ and manifest.json).")
-@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="cloud-serve's ZeroMQ endpoint.")
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, callback=endpoint_option,
+              help="cloud-serve's ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH).")
 @click.option("--data", default="fashion-mnist", show_default=True,
               help="fashion-mnist | idx:DIR | cifar10:DIR | folder:DIR | synthetic[:...]. Read from disk, never "
                    "downloaded.")

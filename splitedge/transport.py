@@ -8,6 +8,7 @@ frame) and TCP/IP headers are not included.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,30 @@ from typing import Any
 import zmq
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+_ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.%\w]+\]|[^:/\[\]\s]+):\d{1,5}|ipc://\S+|inproc://\S+)$")
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it is a ZeroMQ endpoint this project uses (tcp://HOST:PORT, tcp://[IPv6]:PORT,
+    ipc://PATH, inproc://NAME), else ValueError naming the accepted forms."""
+    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+        raise ValueError(f"{endpoint!r} is not a ZeroMQ endpoint: write tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555, "
+                         "tcp://*:5555 to listen on every interface, tcp://[::1]:5555) or ipc://PATH")
+    if endpoint.startswith("tcp://") and not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
+        raise ValueError(f"{endpoint!r}: the port must lie in 1..65535")
+    return endpoint
+
+
+def endpoint_option(ctx: Any, param: Any, value: str) -> str:
+    """click callback: a bad endpoint is a bad parameter (exit code 2)."""
+    import click
+
+    try:
+        return check_endpoint(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def frame_len(f: Any) -> int:

@@ -63,3 +63,26 @@ def test_splitedge_lists_its_subcommands():
     assert res.returncode == 0
     for name in SUBCOMMANDS:
         assert name in res.stdout
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["cloud-serve", "--artifacts", ".", "--bind", "garbage"], "is not a ZeroMQ endpoint"),
+    (["cloud-serve", "--artifacts", ".", "--bind", "tcp://127.0.0.1:70000"], "port must lie in 1..65535"),
+    (["edge-train", "--connect", "tcp://localhost"], "is not a ZeroMQ endpoint"),
+    (["splitedge", "bench", "step", "--model", "nosuch"], "'nosuch' is not one of"),
+])
+def test_bad_endpoints_and_models_exit_2(argv, needle):
+    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_check_endpoint_accepts_the_forms_in_use():
+    from splitedge.transport import check_endpoint
+
+    for ok in ("tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://[::1]:5555", "tcp://cloud.example.com:80",
+               "tcp://eth0:5555", "ipc:///tmp/splitedge.sock", "inproc://x"):
+        assert check_endpoint(ok) == ok
+    for bad in ("", "127.0.0.1:5555", "tcp://host", "tcp://host:port", "udp://h:1", "tcp://h:0"):
+        with pytest.raises(ValueError):
+            check_endpoint(bad)
