@@ -47,7 +47,8 @@ Step ids: ``step`` counts a client's train steps from 1. The cloud applies step 
 client c at most once: a retry of the step it applied last is answered from a cache
 of its reply, an older step gets ``ERROR stale_step`` with ``expected_step``, so a
 retried step is never applied twice. Client ids (``client_id``) are stable across
-reconnects and restarts; ZeroMQ identities are not.
+reconnects and restarts; ZeroMQ identities are not. With CurveZMQ on, the cloud binds a
+client id to the first key that says HELLO as it (``ERROR client_id_taken`` for any other).
 """
 
 from __future__ import annotations
