@@ -149,6 +149,11 @@ def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json
         for c in r["codecs"]:
             click.echo(f"  {c['codec']:<11} {c['encode_ms']:>9.3f} {100 * c['encode_share']:>8.1f}% "
                        f"{c['decode_ms']:>9.3f} {100 * c['decode_share']:>8.1f}% {c['compression_vs_fp32']:>7.1f}")
+        judged = [c for c in r["codecs"] if c["codec"] in ("sgq", "slacc")]
+        if judged:  # issue 3's target, read from this run's own figures
+            click.echo(f"  target: SGQ and SL-ACC encode under 10% of the edge step ({0.1 * r['ort_step_ms']:.2f} ms): "
+                       + ", ".join(f"{c['codec']} {100 * c['encode_share']:.1f}% "
+                                   f"({'met' if c['encode_share'] < 0.1 else 'not met'})" for c in judged))
     if json_path:
         Path(json_path).write_text(json.dumps({"benchmark": "step", "repeat": repeat, "results": results}, indent=2))
         click.echo(f"\nwrote {json_path}")

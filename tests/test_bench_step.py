@@ -26,6 +26,9 @@ def test_bench_step_prints_and_writes_json(tmp_path):
     for c in r["codecs"]:
         assert abs(c["encode_share"] - c["encode_ms"] / r["ort_step_ms"]) < 1e-3
         assert c["compression_vs_fp32"] > 5
+    sgq = r["codecs"][1]
+    verdict = "met" if sgq["encode_share"] < 0.1 else "not met"
+    assert f"sgq {100 * sgq['encode_share']:.1f}% ({verdict})" in res.stdout, "the target line reads this run's figure"
 
 
 def test_bench_step_rejects_bad_shapes():
