@@ -87,6 +87,9 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
               help="Bad messages from one client within --error-window before it is disconnected.")
 @click.option("--error-window", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds over which --max-client-errors is counted.")
+@click.option("--max-clients", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Clients served at once (not finished, not timed out); a HELLO for a new client id beyond "
+                   "that is refused with server_full.")
 @click.option("--expect-clients", type=click.IntRange(min=0), default=0, show_default=True,
               help="Number of clients of this run (with --exit-when-done).")
 @click.option("--exit-when-done", is_flag=True, help="Exit once --expect-clients clients have said BYE.")
@@ -100,7 +103,8 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
               help="Directory of the public keys (*.key) of the edges allowed to join.")
 def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_codec_param, calibration,
          optimizer, lr, momentum, weight_decay, device, threads, fedavg_every, checkpoint_dir, checkpoint_every,
-         keep_checkpoints, resume, metrics, client_timeout, max_message_mb, max_client_errors, error_window, expect_clients, exit_when_done,
+         keep_checkpoints, resume, metrics, client_timeout, max_message_mb, max_client_errors, error_window, max_clients, expect_clients,
+         exit_when_done,
          log_every, seed, curve_secret, authorized_clients):
     """Serve the cloud half of split training to many edge clients.
 
@@ -152,6 +156,7 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         device=device, fedavg_every=fedavg_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume, metrics=metrics, client_timeout_s=client_timeout,
         max_message_bytes=int(max_message_mb * 1024 * 1024), max_client_errors=max_client_errors, error_window_s=error_window,
+        max_clients=max_clients,
         expect_clients=expect_clients, exit_when_done=exit_when_done, log_every=log_every, seed=seed,
         curve_secret=curve_secret, authorized_clients=authorized_clients,
     )

@@ -60,6 +60,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_client_errors: int = 20  # bad messages from one client within error_window_s before it is dropped
     error_window_s: float = 60.0
+    max_clients: int = 256  # clients served at once (not done, not timed out)
     expect_clients: int = 0
     exit_when_done: bool = False
     log_every: int = 50
@@ -383,6 +384,11 @@ class CloudServer:
                 "--client-id", P.ErrorCode.CLIENT_ID_TAKEN)
         self._check_partition(cid, h.get("partition"))
         old = self.by_client.get(cid)
+        if old is None or not old.active:
+            active = sum(1 for x in self.by_client.values() if x.active)
+            if active >= self.cfg.max_clients:
+                raise P.ProtocolError(f"the cloud serves at most {self.cfg.max_clients} clients at once (--max-clients) "
+                                      "and is full; try again later", P.ErrorCode.SERVER_FULL)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
@@ -590,6 +596,7 @@ class CloudServer:
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         s = self._session(identity)
         s.done = True
+        s.cached = None  # a finished client sends no retries: free its last reply
         self.progress[s.client_id] = self._progress_entry(s, done=True)
         log.info("client %d finished after %d steps (%s)", s.client_id, msg.header["steps"], msg.header["reason"])
         self.metrics.write("client_done", client=s.client_id, steps=msg.header["steps"], applied=s.last_step,

@@ -96,6 +96,7 @@ class ErrorCode:
     UNEXPECTED = "unexpected"  # a valid message that this side does not accept here
     INTERNAL = "internal"  # a bug: reported, logged, the server keeps serving
     TOO_MANY_ERRORS = "too_many_errors"  # the client is disconnected
+    SERVER_FULL = "server_full"  # --max-clients clients are being served: HELLO refused, try later
     CLIENT_ID_TAKEN = "client_id_taken"  # with CURVE: the client id (or routing identity) belongs to another key
 
 

@@ -418,3 +418,32 @@ def test_edge_train_refuses_more_clients_than_samples(synth_artifacts):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "--num-clients 100" in res.stderr and "at least min_size=1 of 64 samples" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_max_clients_refuses_new_ids_while_full(synth_artifacts, tmp_path):
+    port = launch.free_port()
+    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--max-clients", "2")
+    socks = []
+    try:
+        hello = {"num_clients": 3, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
+                 "input_shape": [1, 28, 28], "num_classes": 10, "samples": 1, "resume_step": 0, "planned_steps": 1}
+
+        def say(s, msg_type, header):
+            s.send_multipart(P.pack(msg_type, header))
+            return P.unpack(s.recv_multipart())
+
+        a, b, c = (_dealer(port) for _ in range(3))
+        socks += [a, b, c]
+        assert say(a, P.MsgType.HELLO, {**hello, "client_id": 0}).type == P.MsgType.WELCOME
+        assert say(b, P.MsgType.HELLO, {**hello, "client_id": 1}).type == P.MsgType.WELCOME
+        reply = say(c, P.MsgType.HELLO, {**hello, "client_id": 2})
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == "server_full"
+        assert "at most 2 clients" in reply.header["message"]
+        assert say(a, P.MsgType.HELLO, {**hello, "client_id": 0}).type == P.MsgType.WELCOME, "a known id may rejoin"
+        assert say(b, P.MsgType.BYE, {"reason": "finished", "steps": 0}).type == P.MsgType.BYE_ACK
+        assert say(c, P.MsgType.HELLO, {**hello, "client_id": 2}).type == P.MsgType.WELCOME, "a finished one frees a place"
+        assert cloud.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        cloud.kill()
