@@ -388,7 +388,7 @@ class CloudServer:
             active = sum(1 for x in self.by_client.values() if x.active)
             if active >= self.cfg.max_clients:
                 raise P.ProtocolError(f"the cloud serves at most {self.cfg.max_clients} clients at once (--max-clients) "
-                                      "and is full; try again later", P.ErrorCode.SERVER_FULL)
+                                      "and is full", P.ErrorCode.SERVER_FULL)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)

@@ -71,7 +71,8 @@ class Partition(click.ParamType):
 @click.option("--timeout", "request_timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request is retried (with backoff, same step id).")
 @click.option("--give-up", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds without an answer after which edge-train stops with an error.")
+              help="Seconds without an answer (or without a place on a full cloud) after which edge-train stops "
+                   "with an error.")
 @click.option("--bandwidth", default=None, metavar="RATE",
               help="Emulate an access link of this rate both ways, e.g. 10mbit (see --uplink/--downlink).")
 @click.option("--uplink", default=None, metavar="RATE", help="Emulated uplink rate (edge -> cloud), e.g. 5mbit.")

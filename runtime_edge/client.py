@@ -237,12 +237,27 @@ class EdgeClient:
 
     def hello(self) -> None:
         m = self.manifest
-        msg = self._request(P.MsgType.HELLO, {
+        header = {
             "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "model": m.model, "cut": m.cut,
             "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
             "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
             "planned_steps": self.planned_steps, "partition": self.partition_info,
-        }, [], P.MsgType.WELCOME)
+        }
+        deadline = time.monotonic() + self.cfg.give_up_s
+        wait = 1.0
+        while True:
+            try:
+                msg = self._request(P.MsgType.HELLO, header, [], P.MsgType.WELCOME)
+                break
+            except RemoteError as e:
+                # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
+                if e.code != P.ErrorCode.SERVER_FULL:
+                    raise
+                if time.monotonic() + wait > deadline:
+                    raise EdgeError(f"{e}; no place within --give-up {self.cfg.give_up_s:.0f}s") from None
+                log.warning("%s; asking again in %.0fs", e, wait)
+                time.sleep(wait)
+                wait = min(2 * wait, 30.0)
         h = msg.header
         try:
             codec = sc.get(h["codec"]["name"], **h["codec"]["params"])

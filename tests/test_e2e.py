@@ -442,6 +442,19 @@ def test_max_clients_refuses_new_ids_while_full(synth_artifacts, tmp_path):
         assert say(a, P.MsgType.HELLO, {**hello, "client_id": 0}).type == P.MsgType.WELCOME, "a known id may rejoin"
         assert say(b, P.MsgType.BYE, {"reason": "finished", "steps": 0}).type == P.MsgType.BYE_ACK
         assert say(c, P.MsgType.HELLO, {**hello, "client_id": 2}).type == P.MsgType.WELCOME, "a finished one frees a place"
+
+        # a real edge finding the cloud full waits for a place (up to --give-up), then trains
+        edge = _start_edge(synth_artifacts, port, tmp_path, 3, 4, "--steps", "3", "--give-up", "120")
+        _wait_for(lambda: "server_full" in (tmp_path / "edge-3.log").read_text(), 60, "the edge to find the cloud full")
+        assert edge.poll() is None, "a full cloud is not a reason to stop"
+        assert say(c, P.MsgType.BYE, {"reason": "finished", "steps": 0}).type == P.MsgType.BYE_ACK
+        assert edge.wait(timeout=120) == 0, (tmp_path / "edge-3.log").read_text()[-3000:]
+        assert json.loads((tmp_path / "edge-3.json").read_text())["steps"] == 3
+        # with no place before --give-up it stops with the cloud's message
+        assert say(b, P.MsgType.HELLO, {**hello, "client_id": 1}).type == P.MsgType.WELCOME  # full again: 0 and 1
+        late = _start_edge(synth_artifacts, port, tmp_path, 2, 4, "--steps", "3", "--give-up", "3")
+        assert late.wait(timeout=120) == 1
+        assert "no place within --give-up 3s" in (tmp_path / "edge-2.log").read_text()
         assert cloud.poll() is None
     finally:
         for s in socks:
