@@ -143,6 +143,12 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         raise click.BadParameter("--curve-secret and --authorized-clients go together", param_hint="--curve-secret")
     if exit_when_done and not expect_clients:
         raise click.BadParameter("--exit-when-done needs --expect-clients", param_hint="--exit-when-done")
+    from .trainer import check_device
+
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

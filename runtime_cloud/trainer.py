@@ -40,6 +40,27 @@ class StepResult:
     compute_ms: float
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` (cpu, cuda, cuda:N, mps) if this machine has it, else ValueError saying why."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no usable GPU"
+            raise ValueError(f"device {name}: CUDA is not available here (torch {torch.__version__}, {built}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {name}: the cloud runs on cpu, cuda[:N] or mps, not {dev.type}")
+    return dev
+
+
 class ServerModel:
     def __init__(
         self,
@@ -57,7 +78,7 @@ class ServerModel:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         self.manifest = manifest
-        self.device = torch.device(device)
+        self.device = check_device(device)
         full = zoo.build(manifest.model, manifest.num_classes, manifest.input_shape[0])
         _, server = split.split(manifest.model, full, manifest.cut)
         state = load_file(str(Path(artifacts) / mf.SERVER_WEIGHTS))

@@ -70,6 +70,7 @@ def test_splitedge_lists_its_subcommands():
     (["cloud-serve", "--artifacts", ".", "--bind", "tcp://127.0.0.1:70000"], "port must lie in 1..65535"),
     (["edge-train", "--connect", "tcp://localhost"], "is not a ZeroMQ endpoint"),
     (["splitedge", "bench", "step", "--model", "nosuch"], "'nosuch' is not one of"),
+    (["cloud-serve", "--artifacts", ".", "--device", "tpu"], "'tpu' is not a torch device"),
 ])
 def test_bad_endpoints_and_models_exit_2(argv, needle):
     res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
@@ -86,3 +87,13 @@ def test_check_endpoint_accepts_the_forms_in_use():
     for bad in ("", "127.0.0.1:5555", "tcp://host", "tcp://host:port", "udp://h:1", "tcp://h:0"):
         with pytest.raises(ValueError):
             check_endpoint(bad)
+
+
+def test_cloud_device_without_cuda_exits_2():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be shown here")
+    res = subprocess.run([bin_path("cloud-serve"), "--artifacts", ".", "--device", "cuda"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "CUDA is not available here" in res.stderr and "Traceback" not in res.stderr
