@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import sys
 import warnings
 import platform
@@ -80,8 +81,16 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
 
             return load_file(str(p))
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never here
+        tail = str(e).split("WeightsUnpickler error:", 1)[-1]
+        detail = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "unreadable").split(". Please use")[0]
+        raise ExportError(
+            f"--weights {path}: not a torch state_dict file that loads without executing code ({detail[:200]}); "
+            "save the weights with torch.save(model.state_dict(), PATH) or as .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-        raise ExportError(f"--weights {path}: cannot read ({type(e).__name__}: {e})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ExportError(f"--weights {path}: cannot read ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

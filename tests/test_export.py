@@ -431,3 +431,18 @@ def test_export_does_not_import_onnxruntime_for_help():
     code = "import sys; from splitedge.export import cli; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "False"]
+
+
+def test_cli_weights_needing_code_execution_or_garbage_are_refused(tmp_path):
+    """A pickled module (loading it would run code) and a garbage file: exit 2, nothing written, and no advice
+    to load with weights_only=False."""
+    full = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), full)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"garbage\n")
+    for path, detail in ((full, "Unsupported global"), (junk, "Unsupported operand")):
+        out = tmp_path / "out"
+        res = _run("--model", "resnet18", "--cut", "3", "--weights", str(path), "--out", str(out))
+        assert res.returncode == 2, res.stderr
+        assert "loads without executing code" in res.stderr and detail in res.stderr
+        assert "weights_only` set to `False`" not in res.stderr and not out.exists()
