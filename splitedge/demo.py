@@ -16,6 +16,9 @@ from pathlib import Path
 
 import click
 
+from .errors import UserError
+
+MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -27,7 +30,8 @@ def _fmt_bytes(n: float) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
-              help="Where artifacts, logs, metrics and summaries go (replaced on every run).")
+              help="Where artifacts, logs, metrics and summaries go (replaced on every run; a non-empty directory "
+                   "that an earlier demo did not write is refused).")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Data set (see edge-train --data).")
 @click.option("--model", default="resnet18", show_default=True, help="Zoo model.")
 @click.option("--cut", default="3", show_default=True, help="Cut (index or unit name).")
@@ -52,14 +56,30 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
     from .export import onnx_export as oe
     from .runtime_edge import data as D
 
-    wd = Path(workdir)
-    if wd.exists():
-        shutil.rmtree(wd)
-    wd.mkdir(parents=True)
+    from . import codecs as sc
+
+    try:
+        takes_bits = "bits" in sc.get(codec).params
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--codec") from None
     try:
         test = D.load(data, split="test")
     except D.DatasetError as e:
-        raise click.ClickException(str(e)) from None
+        raise UserError(str(e)) from None
+    wd = Path(workdir)
+    if wd.exists():
+        # replace only what an earlier demo wrote: --workdir may be mistyped as a directory that matters
+        if not wd.is_dir():
+            raise UserError(f"--workdir {wd} exists and is not a directory")
+        if any(wd.iterdir()) and not (wd / MARKER).is_file():
+            raise UserError(f"--workdir {wd} is not empty and was not written by splitedge demo; "
+                            "choose another directory or remove it yourself")
+        shutil.rmtree(wd)
+    try:
+        wd.mkdir(parents=True)
+        (wd / MARKER).write_text("written by `splitedge demo`; replaced by its next run with this --workdir\n")
+    except OSError as e:
+        raise UserError(f"--workdir {wd}: cannot write: {e}") from None
     t0 = time.monotonic()
     click.echo(f"[1/4] exporting {model} cut {cut} for {data} ({'x'.join(map(str, test.input_shape))}, "
                f"{test.num_classes} classes)")
@@ -67,15 +87,9 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         _, m = oe.export(oe.ExportRequest(model, cut, input_shape=tuple(test.input_shape),
                                           num_classes=test.num_classes, lr=lr, out=str(wd / "artifacts")))
     except oe.ExportError as e:
-        raise click.ClickException(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(f"      activation {'x'.join(map(str, m.activation_shape))} per sample, "
                f"{m.extra['edge_params']:,} edge parameters")
-    from . import codecs as sc
-
-    try:
-        takes_bits = "bits" in sc.get(codec).params
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--codec") from None
     codec_args = ["--codec", codec] + (["--bits", str(bits)] if takes_bits else [])
     cloud_args = [*codec_args, "--lr", str(lr), "--momentum", str(momentum), "--threads", "1",
                   "--checkpoint-dir", str(wd / "cloud-checkpoints"), "--log-every", "100"]

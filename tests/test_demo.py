@@ -10,6 +10,9 @@ from helpers import bin_path
 
 def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
     wd = tmp_path / "demo"
+    wd.mkdir()
+    (wd / ".splitedge-demo").write_text("an earlier demo\n")
+    (wd / "stale.txt").write_text("from the earlier demo\n")
     res = subprocess.run(
         [bin_path("splitedge"), "demo", "--workdir", str(wd), "--data", "synthetic:n=1024,classes=10,shape=1x28x28",
          "--steps", "8", "--batch-size", "16", "--eval-samples", "64"],
@@ -23,6 +26,7 @@ def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
     t = summary["traffic"]
     assert t["steps"] == 16 and t["payload_bytes"] == t["activation_bytes"] + t["gradient_bytes"]
     assert t["reduction_vs_fp32"] > 20
+    assert not (wd / "stale.txt").exists(), "an earlier demo's workdir is replaced"
     for c in range(2):
         s = json.loads((wd / "run" / f"edge-{c}.json").read_text())
         assert s["steps"] == 8 and f"test accuracy {100 * s['final_accuracy']:.2f}%" in out
@@ -31,5 +35,17 @@ def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
 def test_demo_reports_a_missing_dataset_clearly(tmp_path):
     res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(tmp_path / "d"), "--data",
                           f"idx:{tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "nothing" in res.stderr and "Error" in res.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_never_replaces_a_directory_it_did_not_write(tmp_path):
+    wd = tmp_path / "precious"
+    wd.mkdir()
+    (wd / "thesis.tex").write_text("years of work\n")
+    res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(wd), "--data",
+                          "synthetic:n=256,classes=10,shape=1x28x28", "--steps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "was not written by splitedge demo" in res.stderr
+    assert (wd / "thesis.tex").read_text() == "years of work\n" and sorted(p.name for p in wd.iterdir()) == ["thesis.tex"]
