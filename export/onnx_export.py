@@ -104,6 +104,10 @@ def _check_out(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / mf.MANIFEST_NAME).is_file():
+        # --force replaces artifacts, never a directory export-client did not write (a mistyped --out)
+        raise ExportError(f"--out {out} is not empty and holds no {mf.MANIFEST_NAME}: not an artifact directory, "
+                          "refusing to replace it even with --force")
     parent = out.parent if str(out.parent) else Path(".")
     probe = parent
     while not probe.exists():

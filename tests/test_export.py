@@ -399,11 +399,11 @@ def test_cli_unwritable_out_exits_2(tmp_path):
 
 def test_cli_existing_out_needs_force(tmp_path):
     out = tmp_path / "a"
-    out.mkdir()
+    assert _run("--model", "resnet18", "--cut", "5", "--out", str(out), "-q").returncode == 0
     (out / "keep.txt").write_text("precious")
     res = _run("--model", "resnet18", "--cut", "3", "--out", str(out))
     assert res.returncode == 2 and "--force" in res.stderr
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "keep.txt").read_text() == "precious" and mf.load(out).cut == 5
     res = _run("--model", "resnet18", "--cut", "3", "--out", str(out), "--force", "-q")
     assert res.returncode == 0
     assert not (out / "keep.txt").exists() and mf.load(out).cut == 3
@@ -446,3 +446,13 @@ def test_cli_weights_needing_code_execution_or_garbage_are_refused(tmp_path):
         assert res.returncode == 2, res.stderr
         assert "loads without executing code" in res.stderr and detail in res.stderr
         assert "weights_only` set to `False`" not in res.stderr and not out.exists()
+
+
+def test_cli_force_never_replaces_a_directory_that_is_not_artifacts(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("keep me\n")
+    res = _run("--model", "resnet18", "--cut", "3", "--out", str(out), "--force")
+    assert res.returncode == 2 and "not an artifact directory" in res.stderr, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["todo.txt"] and (out / "todo.txt").read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"], "no temporary directory left behind"
