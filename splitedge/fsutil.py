@@ -72,7 +72,13 @@ class CheckpointDir:
         ``tag`` should sort like the training progress (e.g. ``f"{step:09d}"``).
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        # never replace a checkpoint in place (a crash between removing it and renaming the new one
+        # would leave LATEST naming nothing): a second checkpoint with the same tag gets a suffix
         final = self.root / f"ckpt-{tag}"
+        n = 0
+        while final.exists():
+            n += 1
+            final = self.root / f"ckpt-{tag}-{n:04d}"
         tmp = self.root / f".tmp-ckpt-{tag}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -82,8 +88,6 @@ class CheckpointDir:
             for p in tmp.iterdir():
                 fsync_file(p)
             fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(self.root)
             atomic_write_bytes(self.root / "LATEST", (final.name + "\n").encode())

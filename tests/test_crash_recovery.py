@@ -203,11 +203,12 @@ def test_checkpoint_dir_ignores_leftover_temporaries_and_an_uncommitted_checkpoi
     uncommitted = tmp_path / "ckpt-000000010"
     uncommitted.mkdir()
     assert cd.latest() == first
-    # the next write commits over the uncommitted one and keeps two; the leftover stays ignored
-    assert cd.write("000000010", _fill) == uncommitted and cd.latest() == uncommitted
-    assert json.loads((uncommitted / "state.json").read_text()) == {"ok": True}
+    # the next write with the same tag never replaces a directory in place: it commits beside it
+    second = cd.write("000000010", _fill)
+    assert second == tmp_path / "ckpt-000000010-0001" and cd.latest() == second
+    assert json.loads((second / "state.json").read_text()) == {"ok": True}
     assert cd.write("000000015", _fill) == tmp_path / "ckpt-000000015"
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010", "ckpt-000000015"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010-0001", "ckpt-000000015"]
     assert not [p for p in tmp_path.glob(f".tmp-ckpt-*-{os.getpid()}")], "its own temporaries are gone"
     # with no LATEST at all (a crash before the very first LATEST was written) there is no checkpoint
     (tmp_path / "LATEST").unlink()
