@@ -26,6 +26,8 @@ class SshHost(click.ParamType):
         if (not host or host.startswith("-") or (at and not user) or user.startswith("-")
                 or not re.fullmatch(r"[A-Za-z0-9._:\[\]%-]+", host) or re.search(r"[\s'\"`$;&|<>\\]", v)):
             self.fail(f"{v!r} is not USER@HOST or HOST (e.g. jetson@192.168.1.20)", param, ctx)
+        if host.count(":") == 1 and host.rsplit(":", 1)[1].isdigit():
+            self.fail(f"{v!r}: give the ssh port with --port {host.rsplit(':', 1)[1]}, not as HOST:PORT", param, ctx)
         return v
 
 

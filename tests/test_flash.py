@@ -231,6 +231,8 @@ def test_bad_arguments_exit_2(art, tmp_path):
     assert r.returncode == 2 and "give --host" in r.stderr
     r = fb("--profile", "cpu", "--artifacts", str(art), "--host", "-oProxyCommand=touch /tmp/x")
     assert r.returncode == 2 and "is not USER@HOST" in r.stderr
+    r = fb("--profile", "cpu", "--artifacts", str(art), "--host", "pi@rpi4.local:2222")
+    assert r.returncode == 2 and "--port 2222" in r.stderr
     r = fb("--profile", "cpu", "--artifacts", str(art), "--host", "u@h", "--identity", str(tmp_path / "nokey"))
     assert r.returncode == 2 and "--identity" in r.stderr
     r = fb("--profile", "cpu", "--artifacts", str(tmp_path / "none"), "--host", "u@h", "--dry-run")
