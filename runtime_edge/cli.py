@@ -104,6 +104,8 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
                  --data fashion-mnist --client-id 0 --num-clients 2 --epochs 1 --summary runs/c0.json
     """
     from ..export.manifest import ManifestError
+    from .. import protocol as P
+    from ..codecs import PayloadError
     from .client import EdgeClient, EdgeConfig, EdgeError, RemoteError
     from .data import DatasetError
 
@@ -155,6 +157,8 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         raise UserError(str(e)) from None
     except (EdgeError, RemoteError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    except (P.ProtocolError, PayloadError) as e:  # a message from the cloud that breaks the protocol
+        raise click.ClickException(f"the cloud sent a malformed message: {e}") from None
     click.echo(json.dumps({k: result[k] for k in ("client_id", "final_accuracy", "steps", "bytes_sent",
                                                    "bytes_received", "wall_time_s")}))
 

@@ -188,6 +188,7 @@ class EdgeClient:
         self.progress.bytes_sent += sent or 0
         sent_at = time.monotonic()
         last_ping = sent_at
+        malformed: tuple[int, str] | None = None  # (count, last reason) of unparsable replies
         while True:
             now = time.monotonic()
             failure = self.ep.handshake_failure()
@@ -199,6 +200,10 @@ class EdgeClient:
                                 "encryption (a cloud with --curve-secret needs edges with --curve-secret and "
                                 "--server-key, and the other way round)")
             if now > deadline:
+                if malformed:
+                    raise EdgeError(f"the cloud at {self.cfg.connect} sent no valid answer to {type_.name} for "
+                                    f"{self.cfg.give_up_s:.0f}s but {malformed[0]} malformed message(s); the last: "
+                                    f"{malformed[1]}")
                 raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
                                 f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
             if sent is None or now - sent_at > timeout:
@@ -221,6 +226,7 @@ class EdgeClient:
                 msg = P.unpack(frames_in)
             except P.ProtocolError as e:
                 log.warning("ignoring a malformed message from the cloud: %s", e)
+                malformed = (malformed[0] + 1 if malformed else 1, str(e)[:300])
                 continue
             if msg.type == P.MsgType.PONG:
                 continue
@@ -350,7 +356,10 @@ class EdgeClient:
         t3 = time.perf_counter()
         P.expect_frames(msg, 1)
         # the gradient cannot be larger than the activation it belongs to: bound the decode before it allocates
-        grad = sc.decode(msg.frames[0].buffer, max_bytes=act.nbytes + (1 << 20))
+        try:
+            grad = sc.decode(msg.frames[0].buffer, max_bytes=act.nbytes + (1 << 20))
+        except sc.PayloadError as e:
+            raise EdgeError(f"the cloud's gradient for step {step} does not decode: {e}") from None
         if grad.shape != act.shape:
             raise EdgeError(f"the cloud sent a gradient of shape {grad.shape} for an activation of shape {act.shape}")
         self.fwd_codec.observe_gradient(grad)

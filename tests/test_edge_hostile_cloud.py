@@ -1,0 +1,142 @@
+"""edge-train against a cloud that misbehaves: a scripted ROUTER stands in for cloud-serve.
+
+SECURITY.md says the edge checks the structure of what it receives (schema, codec settings,
+gradient shapes, payload integrity, message size). Each case here makes one of those checks
+fire: the edge must stop with exit code 1 and a message naming the problem -- no traceback, no
+training on what it was sent.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from splitedge import codecs as sc
+from splitedge import launch
+from splitedge import protocol as P
+
+SYNTH = "synthetic:n=256,classes=10,shape=1x28x28,seed=0"
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def art(exported):
+    return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
+
+
+def _welcome(**over) -> dict:
+    fp32 = {"name": "fp32", "params": {}}
+    return {"session": "fake", "codec": fp32, "grad_codec": fp32, "fedavg_every": 0, "last_step": 0,
+            "server_step": 0, **over}
+
+
+class FakeCloud:
+    """Answers HELLO with ``welcome`` and every TRAIN with ``on_train(header) -> frames``; PING with PONG."""
+
+    def __init__(self, welcome: dict, on_train):
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.welcome, self.on_train = welcome, on_train
+        self.trains = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            ident, *frames = self.sock.recv_multipart()
+            msg = P.unpack(frames)
+            if msg.type == P.MsgType.HELLO:
+                out = P.pack(P.MsgType.WELCOME, self.welcome)
+            elif msg.type == P.MsgType.TRAIN:
+                self.trains += 1
+                out = self.on_train(msg.header)
+            elif msg.type == P.MsgType.PING:
+                out = P.pack(P.MsgType.PONG, {"t": msg.header["t"]})
+            elif msg.type == P.MsgType.BYE:
+                out = P.pack(P.MsgType.BYE_ACK, {})
+            else:
+                continue
+            self.sock.send_multipart([ident, *out])
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def _grad(header: dict, payload: bytes, **over) -> list:
+    h = {"step": header["step"], "loss": 1.0, "correct": 0, "fedavg_round": None, "timings": {}, **over}
+    return P.pack(P.MsgType.GRAD, h, [payload])
+
+
+def _edge(art: Path, port: int, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(launch.script("edge-train") + [
+        "--artifacts", str(art), "--connect", f"tcp://127.0.0.1:{port}", "--data", SYNTH, "--steps", "2",
+        "--batch-size", str(BATCH), "--eval-samples", "16", "--threads", "1", "--no-progress",
+        "--timeout", "1", "--give-up", "6", "--summary", str(tmp_path / "s.json"), *extra,
+    ], capture_output=True, text=True, timeout=180)
+
+
+def _run(art, tmp_path, welcome, on_train) -> tuple[subprocess.CompletedProcess, int]:
+    cloud = FakeCloud(welcome, on_train)
+    try:
+        res = _edge(art, cloud.port, tmp_path)
+    finally:
+        cloud.close()
+    return res, cloud.trains
+
+
+def _act_shape():
+    return (BATCH, 64, 14, 14)
+
+
+CASES = {
+    "a codec the edge does not know": (
+        _welcome(codec={"name": "rot13", "params": {}}), None, "codec settings this edge cannot use"),
+    "codec parameters out of range": (
+        _welcome(codec={"name": "uq", "params": {"bits": 99}}), None, "codec settings this edge cannot use"),
+    "a gradient of the wrong shape": (
+        _welcome(), lambda h: _grad(h, sc.get("fp32").encode(np.zeros((BATCH, 64, 7, 7), np.float32))),
+        "gradient of shape"),
+    "a gradient payload that does not decode": (
+        _welcome(), lambda h: _grad(h, b"SPLC" + b"\0" * 60), "gradient"),
+    "a gradient with NaN": (
+        _welcome(), lambda h: _grad(h, _fp32_nan()), "NaN"),
+    "a GRAD header without its fields": (
+        _welcome(), lambda h: P.pack(P.MsgType.GRAD, {"step": h["step"]}, [b"x"]),
+        "malformed message(s); the last: GRAD"),
+    "a gradient larger than the edge accepts": (
+        _welcome(), lambda h: _grad(h, b"\0" * (64 << 20)), "did not answer TRAIN"),
+}
+
+
+def _fp32_nan() -> bytes:
+    """A valid fp32 payload (CRC included) whose last value is NaN: the codec refuses to encode one."""
+    blob = bytearray(sc.get("fp32").encode(np.zeros(_act_shape(), np.float32)))
+    blob[-8:-4] = np.float32(np.nan).tobytes()  # the values end just before the 4-byte CRC
+    body = bytes(blob[:-4])
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_edge_stops_cleanly_on_what_a_hostile_cloud_sends(art, tmp_path, case):
+    welcome, on_train, needle = CASES[case]
+    res, trains = _run(art, tmp_path, welcome, on_train or (lambda h: _grad(h, b"")))
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert needle in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "s.json").exists(), "no summary: the run did not complete"
+    if on_train is None:
+        assert trains == 0, "a WELCOME with unusable settings: the edge never trains"
