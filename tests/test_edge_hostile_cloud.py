@@ -118,7 +118,7 @@ CASES = {
         _welcome(), lambda h: P.pack(P.MsgType.GRAD, {"step": h["step"]}, [b"x"]),
         "malformed message(s); the last: GRAD"),
     "a gradient larger than the edge accepts": (
-        _welcome(), lambda h: _grad(h, b"\0" * (64 << 20)), "did not answer TRAIN"),
+        _welcome(), lambda h: _grad(h, b"\0" * (8 << 20)), "did not answer TRAIN"),
 }
 
 
