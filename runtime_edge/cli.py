@@ -106,7 +106,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
     from ..export.manifest import ManifestError
     from .. import protocol as P
     from ..codecs import PayloadError
-    from .client import EdgeClient, EdgeConfig, EdgeError, RemoteError
+    from .client import EdgeClient, EdgeConfig, EdgeError, RemoteError, ResumeMismatch
     from .data import DatasetError
 
     if epochs is not None and steps is not None:
@@ -153,7 +153,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         result = EdgeClient(cfg).run()
-    except (ManifestError, DatasetError) as e:
+    except (ManifestError, DatasetError, ResumeMismatch) as e:
         raise UserError(str(e)) from None
     except (EdgeError, RemoteError, OSError) as e:
         raise click.ClickException(str(e)) from None

@@ -17,13 +17,14 @@ step the cloud has applied.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import zmq
 from .. import codecs as sc
 from .. import protocol as P
 from .. import security
+from ..export import manifest as mf
 from ..fsutil import CheckpointDir, atomic_write_json
 from ..shaping import Link
 from ..transport import client_socket
@@ -107,13 +109,16 @@ class EdgeClient:
         self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self.progress = Progress()
         ckpt_file = None
+        resumed_run: dict[str, Any] | None = None
         if cfg.resume:
             if self.ckpt is None:
                 raise EdgeError("--resume needs --checkpoint-dir")
             latest = self.ckpt.latest()
             if latest is not None:
                 ckpt_file = latest / "edge_checkpoint"
-                self.progress = Progress(**json.loads((latest / "edge_progress.json").read_text()))
+                self.progress, resumed_run = _load_progress(latest / "edge_progress.json")
+                if resumed_run is not None:  # the artifacts must be the ones the checkpoint was trained from
+                    _check_resume(resumed_run, _artifacts_identity(mf.load(cfg.artifacts)), latest)
                 log.info("resuming from %s at step %d (epoch %d, batch %d)", latest, self.progress.step,
                          self.progress.epoch, self.progress.batch)
         self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads, lr=cfg.lr,
@@ -139,6 +144,8 @@ class EdgeClient:
             raise D.DatasetError(f"--partition {cfg.partition} of {cfg.data} over --num-clients {cfg.num_clients}: {e}") from None
         self.shard = shards[cfg.client_id]
         self.partition_info = D.partition_fingerprint(self.train_set.labels, shards, cfg.partition, cfg.seed)
+        if resumed_run is not None:  # the same shard, cut into batches the same way
+            _check_resume(resumed_run, self._run_identity(), self.ckpt.latest())
         self.batches_per_epoch = len(self.shard) // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise EdgeError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
@@ -449,12 +456,17 @@ class EdgeClient:
 
         def write(d: Path) -> None:
             self.model.save_checkpoint(d / "edge_checkpoint")
-            atomic_write_json(d / "edge_progress.json", asdict(p))
+            atomic_write_json(d / "edge_progress.json", {**asdict(p), "run": self._run_identity()})
 
         try:
             self.ckpt.write(f"{p.step:09d}", write)
         except (OSError, RuntimeError) as e:  # ONNX Runtime reports a failed write (ENOSPC too) as RuntimeError
             log.error("edge checkpoint at step %d failed: %s; the previous one is intact", p.step, e)
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (see :func:`_check_resume`)."""
+        return {**_artifacts_identity(self.manifest), "client_id": self.cfg.client_id,
+                "batch_size": self.cfg.batch_size, "partition_plan": self.partition_info["plan"]}
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
         med = {f"{k}_ms_median": round(float(np.median(v)), 3) if v else None for k, v in self.timings.items()}
@@ -492,6 +504,42 @@ def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
     return replace(cfg, device=s.device, threads=s.threads, batch_size=s.batch_size,
                    inference_providers=s.inference_providers,
                    inference_provider_options=s.inference_provider_options), s.choice
+
+
+class ResumeMismatch(EdgeError):
+    """--resume with arguments or artifacts other than those the checkpoint was written with."""
+
+
+_RESUME_WHAT = {
+    "model": "--artifacts (model)", "cut": "--artifacts (cut)", "artifacts": "--artifacts (files)",
+    "client_id": "--client-id", "batch_size": "--batch-size",
+    "partition_plan": "the data set, --partition, --seed or --num-clients",
+}
+
+
+def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
+    files = hashlib.sha256(json.dumps(m.files, sort_keys=True).encode()).hexdigest()[:32]
+    return {"model": m.model, "cut": m.cut, "artifacts": files}
+
+
+def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> None:
+    diff = [_RESUME_WHAT.get(k, k) for k, v in now.items() if k in saved and saved[k] != v]
+    if diff:
+        raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with other {', '.join(diff)}; "
+                             "resume with the same arguments, or start fresh with another --checkpoint-dir")
+
+
+def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
+    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints)."""
+    try:
+        raw = json.loads(path.read_text())
+        run = raw.pop("run", None)
+        known = {f.name for f in fields(Progress)}
+        return Progress(**{k: v for k, v in raw.items() if k in known}), run if isinstance(run, dict) else None
+    except FileNotFoundError:
+        raise EdgeError(f"--resume: {path} is missing (a damaged checkpoint directory)") from None
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise EdgeError(f"--resume: {path} is unreadable ({type(e).__name__}: {e})") from None
 
 
 class RemoteError(Exception):

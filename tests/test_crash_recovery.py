@@ -145,11 +145,12 @@ def test_cloud_killed_mid_run_resumes_and_every_step_is_accounted_for(art, tmp_p
 # ---------------------------------------------------------------------------- an edge crashes
 
 
-def test_edge_killed_and_restarted_resumes_its_shard(art, tmp_path):
+def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
     """An edge checkpointing every 5 steps is SIGKILLed mid-run and restarted with --resume: it
     says HELLO, learns how far the cloud got with its client id, skips those batches (never
     re-sending an applied step), and finishes; the cloud applied each of its steps once."""
     planned = 40
+    other_art = exported("resnet18", 4, input_shape=(1, 28, 28), lr=0.02)
     port = launch.free_port()
     ckpt = tmp_path / "edge-ckpt"
     cloud = _cloud(art, port, tmp_path, "--expect-clients", "1", "--exit-when-done")
@@ -181,6 +182,25 @@ def test_edge_killed_and_restarted_resumes_its_shard(art, tmp_path):
     assert not [e for e in events if e["event"] == "error"], "no step re-sent (it would be stale_step)"
     progress = json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "edge_progress.json").read_text())
     assert (progress["step"], progress["epoch"], progress["batch"]) == (planned, 0, planned), progress
+
+    # resuming that checkpoint with other arguments would train another shard or batches: refused, exit 2
+    def resume(*extra, artifacts=art):
+        args = ["--artifacts", str(artifacts), "--data", SYNTH, "--batch-size", "16", "--steps", str(planned + 5),
+                "--checkpoint-dir", str(ckpt), "--resume", "--give-up", "5",
+                "--connect", f"tcp://127.0.0.1:{launch.free_port()}", *extra]
+        return subprocess.run(launch.script("edge-train") + args, capture_output=True, text=True, timeout=120)
+
+    for extra, what in ((("--batch-size", "32"), "--batch-size"),
+                        (("--num-clients", "2", "--client-id", "1"), "--client-id, the data set"),
+                        (("--seed", "7"), "the data set, --partition, --seed or --num-clients")):
+        res = resume(*extra)
+        assert res.returncode == 2 and f"other {what}" in res.stderr, res.stderr[-2000:]
+    res = resume(artifacts=other_art)
+    assert res.returncode == 2 and "other --artifacts (cut), --artifacts (files)" in res.stderr, res.stderr[-2000:]
+    (ckpt / (ckpt / "LATEST").read_text().strip() / "edge_progress.json").write_text('{"step": ')
+    res = resume()
+    assert res.returncode == 1 and "edge_progress.json is unreadable" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------------------- damaged checkpoint directories
