@@ -7,12 +7,9 @@ import sys
 
 import click
 
+from .. import codecs as sc
 from ..errors import UserError
 from ..transport import endpoint_option
-
-from .. import codecs as sc
-
-
 
 
 def parse_params(items: tuple[str, ...], option: str) -> dict:

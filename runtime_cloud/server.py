@@ -320,9 +320,9 @@ class CloudServer:
                 self._forget(session)
 
     @staticmethod
-    def _progress_entry(s: Session, *, done: bool, last_step: int | None = None) -> dict[str, Any]:
+    def _progress_entry(s: Session, *, done: bool) -> dict[str, Any]:
         """What the checkpoint keeps of a client: its last applied step, whether it finished, its key."""
-        e: dict[str, Any] = {"last_step": s.last_step if last_step is None else last_step, "done": done}
+        e: dict[str, Any] = {"last_step": s.last_step, "done": done}
         if s.key is not None:
             e["key"] = s.key
         return e
@@ -487,7 +487,7 @@ class CloudServer:
         self.server_step += 1
         s.last_step = step
         s.steps += 1
-        self.progress[s.client_id] = self._progress_entry(s, done=False, last_step=step)
+        self.progress[s.client_id] = self._progress_entry(s, done=False)
         fed_round = step // self.cfg.fedavg_every if self.cfg.fedavg_every and step % self.cfg.fedavg_every == 0 else None
         timings = {
             "decode_ms": round((t1 - t0) * 1000, 3), "compute_ms": round((t2 - t1) * 1000, 3),

@@ -130,10 +130,10 @@ def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json
     for n in names:
         if n not in sc.available():
             raise click.BadParameter(f"unknown codec {n!r}; available: {', '.join(sc.available())}", param_hint="--codecs")
+    from ..export.onnx_export import ExportError
+
     results = []
     for shape in shape_list:
-        from ..export.onnx_export import ExportError
-
         try:
             r = measure(shape, model=model, cut=cut, batch=batch_size, codecs=names, bits=bits, repeat=repeat,
                         threads=threads or None)

@@ -8,11 +8,8 @@ import sys
 import click
 
 from ..errors import UserError
-from ..transport import endpoint_option
-
 from ..profiles.cli import ProfileParam
-
-
+from ..transport import endpoint_option
 
 
 class Partition(click.ParamType):

@@ -110,6 +110,7 @@ class EdgeClient:
         self.progress = Progress()
         ckpt_file = None
         resumed_run: dict[str, Any] | None = None
+        latest = None
         if cfg.resume:
             if self.ckpt is None:
                 raise EdgeError("--resume needs --checkpoint-dir")
@@ -136,8 +137,6 @@ class EdgeClient:
         if self.train_set.num_classes > self.manifest.num_classes:
             raise EdgeError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
                             f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
-        if not 0 <= cfg.client_id < cfg.num_clients:
-            raise EdgeError(f"--client-id {cfg.client_id} must lie in 0..{cfg.num_clients - 1}")
         try:
             shards = D.partition_all(self.train_set.labels, cfg.num_clients, cfg.partition, cfg.seed)
         except ValueError as e:
@@ -145,7 +144,7 @@ class EdgeClient:
         self.shard = shards[cfg.client_id]
         self.partition_info = D.partition_fingerprint(self.train_set.labels, shards, cfg.partition, cfg.seed)
         if resumed_run is not None:  # the same shard, cut into batches the same way
-            _check_resume(resumed_run, self._run_identity(), self.ckpt.latest())
+            _check_resume(resumed_run, self._run_identity(), latest)
         self.batches_per_epoch = len(self.shard) // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise EdgeError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "

@@ -20,6 +20,7 @@ from .errors import UserError
 
 MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
 
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -54,9 +55,8 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
 
     from . import launch
     from .export import onnx_export as oe
-    from .runtime_edge import data as D
-
     from . import codecs as sc
+    from .runtime_edge import data as D
 
     try:
         takes_bits = "bits" in sc.get(codec).params
