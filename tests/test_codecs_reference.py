@@ -80,6 +80,19 @@ def test_slacc_entropy_of_real_sized_channels_matches_the_definition():
     assert (np.log(x.shape[0] * x.shape[2]) - np.array(ref) < 0.05).all()
 
 
+@pytest.mark.parametrize("offset", [0.0, -0.5, 10.0, 1000.0])
+def test_slacc_entropy_matches_the_definition_on_either_side_of_the_shift_shortcut(offset):
+    # channel_entropy uses z' = x / (max - min) (no subtraction) when every |min| <= max - min,
+    # else (x - min) / (max - min): offsets 0 and -0.5 take the first path, 10 and 1000 the second
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((8, 6, 40)) * np.linspace(0.5, 2.0, 6)[None, :, None] + offset).astype(np.float32)
+    mn = x.min(axis=(0, 2))
+    direct = bool((np.abs(mn.astype(np.float64)) <= x.max(axis=(0, 2)).astype(np.float64) - mn).all())
+    assert direct == (offset < 1.0)
+    ref = [entropy_by_definition(x[:, c]) for c in range(6)]
+    np.testing.assert_allclose(slacc.channel_entropy(x), ref, rtol=0, atol=2e-6)
+
+
 def test_slacc_group_assignment_and_bit_allocation_hand_computed():
     # three well separated pairs; exact binary fractions so the group means are exact
     E = np.array([1.96875, 0.96875, 1.59375, 2.03125, 1.03125, 1.65625])
@@ -453,3 +466,12 @@ def test_splitfc_evaluation_payload_is_the_expectation_of_training_payloads():
     # 4000 Bernoulli draws per channel: the sample mean is within ~3/sqrt(4000) of p_c in relative terms
     np.testing.assert_allclose(ev, mean, atol=0.06 * np.abs(x).max())
     assert np.abs(ev - x).max() > 0.1, "evaluation is not the unscaled input any more"
+
+
+def test_slacc_entropy_without_numpy_vecdot(monkeypatch):
+    # numpy < 2.0 has no np.vecdot: the fallback (multiply, then a matrix-vector product) agrees
+    x = relu_act((16, 8, 12, 12), 5).reshape(16, 8, -1)
+    with_vecdot = slacc.channel_entropy(x)
+    monkeypatch.setattr(slacc, "_vecdot", None)
+    np.testing.assert_allclose(slacc.channel_entropy(x), with_vecdot, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(with_vecdot, [entropy_by_definition(x[:, c]) for c in range(8)], rtol=0, atol=2e-6)
