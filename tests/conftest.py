@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
 import pytest
 
 @pytest.fixture(scope="session")

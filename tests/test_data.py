@@ -507,7 +507,7 @@ def _write_ham(root: Path, Image) -> dict[str, tuple[str, str]]:
 
 def test_folder_ham10000_split_is_stratified_grouped_and_seeded(tmp_path):
     # prepare
-    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (needed for folder: datasets only)")
+    from PIL import Image
     meta = _write_ham(tmp_path / "ham", Image)
     spec = f"folder:{tmp_path / 'ham'}"
     # execute
@@ -534,7 +534,7 @@ def test_folder_ham10000_split_is_stratified_grouped_and_seeded(tmp_path):
 
 def test_folder_labels_csv_with_png_and_grayscale(tmp_path):
     # prepare
-    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (needed for folder: datasets only)")
+    from PIL import Image
     root = tmp_path / "gen"
     (root / "imgs").mkdir(parents=True)
     lines = ["filename,label"]
@@ -564,7 +564,6 @@ def test_folder_labels_csv_with_png_and_grayscale(tmp_path):
     ],
 )
 def test_folder_layout_errors_describe_the_expected_layout(tmp_path, layout, message):
-    pytest.importorskip("PIL.Image", reason="Pillow is not installed (needed for folder: datasets only)")
     root = tmp_path / "d"
     root.mkdir()
     if layout == "bad-columns":

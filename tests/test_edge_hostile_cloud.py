@@ -111,7 +111,7 @@ CASES = {
         _welcome(), lambda h: _grad(h, sc.get("fp32").encode(np.zeros((BATCH, 64, 7, 7), np.float32))),
         "gradient of shape"),
     "a gradient payload that does not decode": (
-        _welcome(), lambda h: _grad(h, b"SPLC" + b"\0" * 60), "gradient"),
+        _welcome(), lambda h: _grad(h, b"SPLC" + b"\0" * 60), "does not decode: bad magic"),
     "a gradient with NaN": (
         _welcome(), lambda h: _grad(h, _fp32_nan()), "NaN"),
     "a GRAD header without its fields": (

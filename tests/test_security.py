@@ -95,12 +95,12 @@ def test_a_listed_key_trains_and_an_unlisted_key_is_refused(art, keys, tmp_path)
         assert ok.returncode == 0, ok.stderr
         assert json.loads((tmp_path / "listed.json").read_text())["steps"] == 5
 
-        t0 = time.monotonic()
         bad = _edge(art, port, tmp_path, "--curve-secret", str(keys / "clients" / "client-1.key_secret"),
-                    "--server-key", str(keys / "server.key"), "--give-up", "60", name="unlisted")
+                    "--server-key", str(keys / "server.key"), "--give-up", "60", "--timeout", "5", name="unlisted")
         assert bad.returncode == 1
         assert "refused this edge's CurveZMQ key" in bad.stderr
-        assert time.monotonic() - t0 < 30, "the refusal should be reported at once, not after --give-up"
+        # reported from the failed handshake, not after unanswered requests (those log "retrying")
+        assert "retrying" not in bad.stderr, bad.stderr
 
         plain = _edge(art, port, tmp_path, "--give-up", "5", "--timeout", "1", name="plain")
         assert plain.returncode == 1 and "disagree on encryption" in plain.stderr
