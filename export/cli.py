@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ..errors import UserError
+from ..errors import FiniteFloat, UserError
 
 from . import zoo_names
 
@@ -49,9 +49,9 @@ class InputShape(click.ParamType):
               help="Edge optimizer. sgd: plain SGD, no momentum. adamw: ORT's AdamW, the Hugging Face "
                    "formula (betas 0.9,0.999, eps 1e-6, bias correction, decoupled weight decay); it "
                    "differs from torch.optim.AdamW by ~1e-3 relative after one step.")
-@click.option("--lr", type=float, default=0.01, show_default=True,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, show_default=True,
               help="Edge learning rate (stored in the manifest; edge-train may override).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="AdamW's decoupled weight decay.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weight initialisation.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,

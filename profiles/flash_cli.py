@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
+from ..errors import FiniteFloat, UserError
 
 from .cli import ProfileParam
 
@@ -68,7 +68,7 @@ class RemoteDir(click.ParamType):
               help="Good releases kept on the board (older ones are deleted after a successful flash).")
 @click.option("--connect-timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds ssh waits for the board to answer.")
-@click.option("--selftest-timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
+@click.option("--selftest-timeout", type=FiniteFloat(min=1), default=900.0, show_default=True,
               help="Seconds the remote self-test may take (TensorRT engine builds are slow the first time).")
 @click.option("--ssh-option", "-o", "ssh_options", multiple=True, metavar="KEY=VALUE",
               help="Extra ssh -o option (repeatable), e.g. -o ProxyJump=gateway.")

@@ -34,6 +34,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..errors import FiniteFloat
+
 
 @dataclass
 class SimClient:
@@ -263,7 +265,7 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
               help="Use these exported artifacts instead of exporting --input-shape to a temporary directory.")
 @click.option("--cloud-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="cloud-serve's torch threads (0: torch's default).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=120.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=120.0, show_default=True,
               help="Seconds a client waits for a reply before the run counts an error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the activations and labels.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")

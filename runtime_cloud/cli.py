@@ -8,7 +8,7 @@ import sys
 import click
 
 from .. import codecs as sc
-from ..errors import UserError
+from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..transport import endpoint_option
 
 
@@ -57,12 +57,12 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
               help="SGQ's gradient calibration (on by default with --codec sgq).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True,
               help="Optimizer of the server sub-model.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, show_default=True,
               help="Learning rate of the server sub-model.")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight decay.")
+@click.option("--momentum", type=FiniteFloat(0, 1), default=0.0, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Weight decay.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the server model (cpu, cuda, cuda:1).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="torch intra-op threads (0: torch's default).")
 @click.option("--fedavg-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Average the clients' edge weights every K of their steps (0: off).")
@@ -75,14 +75,14 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None,
               help="Append JSON lines (one per step, error, FedAvg round, checkpoint) to this file.")
-@click.option("--client-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+@click.option("--client-timeout", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
               help="Seconds of silence after which a client is timed out (the others are not held up).")
-@click.option("--max-message-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
+@click.option("--max-message-mb", type=FiniteFloat(min=0.001), default=256.0, show_default=True,
               help="Largest message accepted (ZeroMQ drops bigger ones before allocating them), and the largest "
                    "array a compressed activation may decode to.")
 @click.option("--max-client-errors", type=click.IntRange(min=1), default=20, show_default=True,
               help="Bad messages from one client within --error-window before it is disconnected.")
-@click.option("--error-window", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+@click.option("--error-window", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
               help="Seconds over which --max-client-errors is counted.")
 @click.option("--max-clients", type=click.IntRange(min=1), default=256, show_default=True,
               help="Clients served at once (not finished, not timed out); a HELLO for a new client id beyond "

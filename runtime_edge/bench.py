@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import UserError
+from ..errors import MAX_THREADS, UserError
 from ..export.zoo_names import MODEL_NAMES
 
 
@@ -113,7 +113,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 @click.option("--codecs", "codec_list", default=None, help="Codecs to time, comma-separated [default: all].")
 @click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Bits of the quantizing codecs.")
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True, help="Timed repeats (median).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ORT and torch intra-op threads (0: their defaults).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json_path):

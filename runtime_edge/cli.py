@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import UserError
+from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..profiles.cli import ProfileParam
 from ..transport import endpoint_option
 
@@ -49,7 +49,7 @@ class Partition(click.ParamType):
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Evaluation batch size.")
 @click.option("--summary", type=click.Path(dir_okay=False), default=None,
               help="Write a JSON summary (accuracy, steps, samples, bytes sent/received, wall time, codec) here.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Edge learning rate [default: the one in the manifest].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the partition and the batch order.")
@@ -60,14 +60,14 @@ class Partition(click.ParamType):
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
               help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
 @click.option("--profile", type=ProfileParam(as_string=True), default=None,
               help="Device profile, a name from `splitedge profiles list` or a profile file: execution providers "
                    "for the forward-only graph and for training, threads, default batch size.")
-@click.option("--timeout", "request_timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", "request_timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request is retried (with backoff, same step id).")
-@click.option("--give-up", type=click.FloatRange(min=1), default=300.0, show_default=True,
+@click.option("--give-up", type=FiniteFloat(min=1), default=300.0, show_default=True,
               help="Seconds without an answer (or without a place on a full cloud) after which edge-train stops "
                    "with an error.")
 @click.option("--bandwidth", default=None, metavar="RATE",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import FiniteFloat, UserError
 
 MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
 
@@ -43,11 +43,11 @@ def _fmt_bytes(n: float) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size.")
 @click.option("--codec", default="sgq", show_default=True, help="Codec in both directions.")
 @click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Codec bits.")
-@click.option("--lr", type=float, default=0.02, show_default=True, help="Learning rate of edge and cloud (SGD).")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="Cloud SGD momentum.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.02, show_default=True, help="Learning rate of edge and cloud (SGD).")
+@click.option("--momentum", type=FiniteFloat(0, 1), default=0.9, show_default=True, help="Cloud SGD momentum.")
 @click.option("--eval-samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Test samples to evaluate on (0: all 10000).")
-@click.option("--timeout", type=float, default=7200, show_default=True, help="Give up after this many seconds.")
+@click.option("--timeout", type=FiniteFloat(min=1), default=7200, show_default=True, help="Give up after this many seconds.")
 def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_size, codec, bits, lr, momentum,
          eval_samples, timeout):
     """Export, serve and train on this machine: the whole system in one command."""

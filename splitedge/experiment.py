@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from .errors import UserError
+from .errors import FiniteFloat, UserError
 
 RESULT_VERSION = 1  # of result.json and results.json
 
@@ -1017,7 +1017,7 @@ def _select(exp: Experiment, patterns: tuple[str, ...]) -> list[tuple[RunConfig,
               help="Run only runs whose id or group name matches this glob (repeatable); the report covers "
                    "every finished run.")
 @click.option("--report-only", is_flag=True, help="Rebuild evals.jsonl, results.md/json and the plots; run nothing.")
-@click.option("--progress-every", type=click.FloatRange(min=1), default=30.0, show_default=True,
+@click.option("--progress-every", type=FiniteFloat(min=1), default=30.0, show_default=True,
               help="Seconds between progress lines of a running run.")
 def main(config, out, dry_run, only, report_only, progress_every):
     """Run a grid of real split-training runs from a TOML config; write a table and plots.

@@ -97,3 +97,35 @@ def test_cloud_device_without_cuda_exits_2():
     res = subprocess.run([bin_path("cloud-serve"), "--artifacts", ".", "--device", "cuda"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "CUDA is not available here" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_float_option_refuses_nan_and_infinity():
+    """click's FloatRange lets NaN through its range checks (nan < min is False): every float option
+    of every command uses FiniteFloat, and every --threads option is bounded."""
+    from splitedge.errors import MAX_THREADS, FiniteFloat
+
+    floats = threads = 0
+    for argv, cmd in COMMANDS:
+        for p in cmd.params:
+            where = f"{' '.join(argv)} {p.opts}"
+            if isinstance(p.type, click.types.FloatParamType) or isinstance(p.type, click.FloatRange):
+                assert isinstance(p.type, FiniteFloat), f"{where}: a float option that accepts NaN/inf"
+                for bad in ("nan", "inf", "-inf"):
+                    with pytest.raises(click.BadParameter, match="not a finite number|not in the range"):
+                        p.type.convert(bad, p, None)
+                floats += 1
+            if "--threads" in p.opts:
+                assert isinstance(p.type, click.IntRange) and p.type.max == MAX_THREADS, where
+                threads += 1
+    assert floats >= 15 and threads >= 3, (floats, threads)
+
+
+@pytest.mark.parametrize("argv", [
+    ["cloud-serve", "--artifacts", "x", "--lr", "nan"],
+    ["edge-train", "--artifacts", "x", "--connect", "tcp://127.0.0.1:9", "--timeout", "nan"],
+    ["cloud-serve", "--artifacts", "x", "--threads", "100000"],
+])
+def test_nan_and_absurd_thread_counts_exit_2(argv):
+    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "not a finite number" in res.stderr or "not in the range 0<=x<=256" in res.stderr, res.stderr
