@@ -34,6 +34,8 @@ import time
 import click
 import numpy as np
 
+from ..errors import writable_file_option
+
 DEFAULT_SHAPES = "32x64x16x16,32x64x56x56,128x64x8x8"
 EDGE_SHAPE = (32, 64, 16, 16)
 
@@ -173,7 +175,8 @@ def bench_one(name: str, bits: int, shape, repeat: int, seed: int, cold: bool = 
 @click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Bits for codecs that take them.")
 @click.option("--repeat", type=click.IntRange(1, 1000), default=9, show_default=True, help="Timed runs (median).")
 @click.option("--shapes", type=ShapeList(), default=DEFAULT_SHAPES, show_default=True, help="Comma-separated NxCxHxW.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Also write results as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=writable_file_option,
+              help="Also write results as JSON.")
 @click.option("--edge-step", is_flag=True, help="Measure the ResNet-18 cut 3 edge step and show encode as a share of it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
 @click.option("--cold", is_flag=True, help="Evict the caches (write 64 MiB) before every timed run, copy included.")

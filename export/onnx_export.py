@@ -90,7 +90,9 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
             "save the weights with torch.save(model.state_dict(), PATH) or as .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ExportError(f"--weights {path}: cannot read ({type(e).__name__}: {first})") from None
+        raise ExportError(f"--weights {path}: not a readable torch or safetensors weights file "
+                          f"({type(e).__name__}: {first[:200]}); save the weights with "
+                          "torch.save(model.state_dict(), PATH) or as .safetensors") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -289,6 +289,17 @@ class _Tee(io.RawIOBase):
         return len(b)
 
 
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a bundle this module wrote (a tar.gz whose BUNDLE.json says so)."""
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            member = tar.extractfile("BUNDLE.json")
+            meta = json.loads(member.read(1 << 20)) if member is not None else None
+    except (OSError, tarfile.TarError, KeyError, ValueError, EOFError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") == "splitedge-edge-bundle"
+
+
 def build(profile: Profile, artifacts: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None
           ) -> BundleInfo:
     """Writes the bundle to ``dest`` (atomically), or only hashes it when ``dest`` is None (--dry-run)."""

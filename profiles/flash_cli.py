@@ -99,6 +99,9 @@ def main(profile, artifacts, host, port, identity, known_hosts, remote_dir, remo
     from .flash import Flasher, FlashRequest, Target
 
     if bundle_only:
+        if Path(bundle_only).exists() and not B.is_bundle(bundle_only):
+            raise UserError(f"--bundle-only {bundle_only} exists and is not a splitedge bundle; refusing to "
+                            "overwrite it (remove it or choose another file name)")
         try:
             info = B.build(profile, artifacts, bundle_only)
         except (B.BundleError, OSError) as e:

@@ -204,6 +204,9 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
         raise ProfileError(f"no profile named {s!r}; shipped profiles: {', '.join(shipped())} "
                            "(or pass the path of a profile file)")
     p = Path(s)
+    if p.is_dir():
+        raise ProfileError(f"profile {s!r} is a directory, not a profile file (a .toml, or a shipped profile's "
+                           f"name: {', '.join(shipped())})")
     if not p.is_file():
         raise ProfileError(f"profile file {s!r} does not exist (shipped profiles: {', '.join(shipped())})")
     return p

@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import MAX_THREADS, UserError
+from ..errors import MAX_THREADS, UserError, writable_file_option
 from ..export.zoo_names import MODEL_NAMES
 
 
@@ -115,7 +115,8 @@ def _shape(text: str) -> tuple[int, int, int]:
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True, help="Timed repeats (median).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ORT and torch intra-op threads (0: their defaults).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=writable_file_option,
+              help="Also write the results here.")
 def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json_path):
     """Time the edge's split step (ORT), each codec's share of it, and PyTorch eager's step."""
     from .. import codecs as sc

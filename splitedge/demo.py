@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import FiniteFloat, UserError
+from .runtime_edge.cli import Partition
 
 MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
 
@@ -37,7 +38,7 @@ def _fmt_bytes(n: float) -> str:
 @click.option("--model", default="resnet18", show_default=True, help="Zoo model.")
 @click.option("--cut", default="3", show_default=True, help="Cut (index or unit name).")
 @click.option("--clients", type=click.IntRange(min=1), default=2, show_default=True, help="Edge processes.")
-@click.option("--partition", default="iid", show_default=True, help="iid or dirichlet:ALPHA.")
+@click.option("--partition", type=Partition(), default="iid", show_default=True, help="iid or dirichlet:ALPHA.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs per client.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per client instead of --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size.")
@@ -52,6 +53,10 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
          eval_samples, timeout):
     """Export, serve and train on this machine: the whole system in one command."""
     import shutil
+
+    ctx = click.get_current_context()
+    if steps is not None and ctx.get_parameter_source("epochs") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --epochs or --steps, not both")
 
     from . import launch
     from .export import onnx_export as oe

@@ -29,3 +29,33 @@ class FiniteFloat(click.FloatRange):
 #: upper bound of every --threads option: far above any board or server, far below what
 #: makes ONNX Runtime or torch hang or crash while creating threads
 MAX_THREADS = 256
+
+
+def check_writable_file(path, option: str) -> None:
+    """Raises UserError unless ``path`` can be created or replaced as a file (checked before long work)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path}: is a directory, expected a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: the directory {parent} does not exist")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{option} {path}: not writable")
+    import tempfile
+
+    try:  # access() says yes to root everywhere, and nothing about /proc or a read-only mount: try it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".splitedge-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot create files in {parent} ({e.strerror})") from None
+
+
+def writable_file_option(ctx, param, value):
+    """click callback: checks an output file option at parse time (before any work is done)."""
+    if value is not None:
+        check_writable_file(value, param.opts[0])
+    return value

@@ -134,8 +134,11 @@ def generate(directory: str | os.PathLike[str], clients: int) -> dict[str, list[
     d = Path(directory)
     if (d / "server.key_secret").exists():
         raise KeyFileError(f"{d} already holds keys; refusing to overwrite them (use an empty directory)")
-    (d / "clients").mkdir(parents=True, exist_ok=True)
-    (d / "authorized_clients").mkdir(exist_ok=True)
+    try:
+        (d / "clients").mkdir(parents=True, exist_ok=True)
+        (d / "authorized_clients").mkdir(exist_ok=True)
+    except OSError as e:
+        raise KeyFileError(f"cannot create the key directory {d}: {e.strerror or e}") from None
     pub, sec = zmq.auth.create_certificates(str(d), "server")
     os.chmod(sec, 0o600)
     made = {"server": [Path(pub), Path(sec)], "clients": []}

@@ -129,3 +129,18 @@ def test_nan_and_absurd_thread_counts_exit_2(argv):
     res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "not a finite number" in res.stderr or "not in the range 0<=x<=256" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["splitedge", "bench", "codecs", "--json", "/proc/no.json"], "--json /proc/no.json: cannot create files in /proc"),
+    (["splitedge", "bench", "step", "--json", "/nonexistent-dir/x.json"], "the directory /nonexistent-dir does not exist"),
+    (["splitedge", "keys", "generate", "/proc/splitedge-keys"], "cannot create the key directory /proc/splitedge-keys"),
+    (["splitedge", "demo", "--partition", "foo"], "unknown partition scheme 'foo'"),
+    (["splitedge", "demo", "--steps", "2", "--epochs", "2"], "give --epochs or --steps, not both"),
+    (["splitedge", "profiles", "show", "/tmp"], "is a directory, not a profile file"),
+])
+def test_bad_paths_and_conflicting_options_exit_2_before_any_work(argv, message):
+    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert message in " ".join(res.stderr.split()), res.stderr
+    assert "Traceback" not in res.stderr

@@ -262,6 +262,22 @@ def test_ssh_failures_in_plain_words():
 
 # ------------------------------------------------------------------------------------- the bundle
 
+def test_bundle_only_replaces_a_bundle_but_never_another_file(art, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    cmd = [bin_path("flash-board"), "--profile", "cpu", "--artifacts", str(art), "--bundle-only"]
+    r = subprocess.run([*cmd, str(notes)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not a splitedge bundle; refusing to overwrite it" in r.stderr, r.stderr
+    assert notes.read_text() == "the user's notes"
+    bundle = tmp_path / "b.tar.gz"
+    for _ in range(2):  # a second build replaces the first bundle
+        r = subprocess.run([*cmd, str(bundle)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    from splitedge.profiles import bundle as B
+
+    assert B.is_bundle(bundle) and not B.is_bundle(notes) and not B.is_bundle(tmp_path / "missing.tar.gz")
+
+
 def test_bundle_only_is_deterministic_self_contained_and_self_tests(art, tmp_path):
     paths = [tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"]
     for p in paths:
