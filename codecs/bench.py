@@ -34,7 +34,7 @@ import time
 import click
 import numpy as np
 
-from ..errors import writable_file_option
+from ..errors import UserError, writable_file_option
 
 DEFAULT_SHAPES = "32x64x16x16,32x64x56x56,128x64x8x8"
 EDGE_SHAPE = (32, 64, 16, 16)
@@ -190,7 +190,10 @@ def main(names, bits, repeat, shapes, json_path, edge_step, seed, cold) -> None:
     for shape in shapes:
         for name in names:
             log(f"  {name} {'x'.join(map(str, shape))} ...")
-            rows.append(bench_one(name, bits, tuple(shape), repeat, seed, cold))
+            try:
+                rows.append(bench_one(name, bits, tuple(shape), repeat, seed, cold))
+            except MemoryError as e:
+                raise UserError(f"--shapes {'x'.join(map(str, shape))}: out of memory ({e})") from None
     # the edge step last: ONNX Runtime's worker threads spin after a run and would slow the codecs
     step_ms = measure_edge_step(repeat, log) if edge_step else None
     head = f"{'codec':<11} {'shape':<14} {'enc ms':>8} {'enc/copy':>8} {'dec ms':>8} {'dec/copy':>8} {'ratio':>7} {'rel.err':>9} {'max.err':>9}"

@@ -332,8 +332,24 @@ def default_out(model: str, n_edge: int) -> str:
     return os.path.join("artifacts", f"{model}-cut{n_edge}")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory", "not enough memory")))
+
+
 def export(req: ExportRequest, log: Callable[[str], None] = lambda s: None) -> tuple[Path, mf.Manifest]:
     """Exports and returns (artifact directory, manifest). Atomic: all or nothing."""
+    try:
+        return _export(req, log)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ExportError(f"out of memory building {req.model} for input shape "
+                          f"{'x'.join(map(str, req.input_shape))} and {req.num_classes} classes: are --input-shape "
+                          "and --num-classes what you meant?") from None
+
+
+def _export(req: ExportRequest, log: Callable[[str], None]) -> tuple[Path, mf.Manifest]:
     model, n_edge, infos, notes = prepare(req)
     for n in notes:
         log(f"weights: {n}")

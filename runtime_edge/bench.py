@@ -140,6 +140,12 @@ def main(shapes, model, cut, batch_size, codec_list, bits, repeat, threads, json
                         threads=threads or None)
         except ExportError as e:  # a cut out of range, a shape too small for the model
             raise UserError(f"{model} cut {cut}, input {'x'.join(map(str, shape))}: {e}") from None
+        except (MemoryError, RuntimeError) as e:  # numpy/torch/ORT: an absurd --batch-size or shape
+            text = str(e)
+            if not (isinstance(e, MemoryError) or "allocate" in text or "not enough memory" in text):
+                raise
+            raise UserError(f"{model} cut {cut}, batch {batch_size}, input {'x'.join(map(str, shape))}: out of "
+                            f"memory ({text.splitlines()[0][:200] if text else type(e).__name__})") from None
         results.append(r)
         click.echo(f"\n{model} cut {cut}, batch {batch_size}, input {'x'.join(map(str, shape))} -> activation "
                    f"{'x'.join(map(str, r['activation_shape'][1:]))}")

@@ -144,3 +144,16 @@ def test_bad_paths_and_conflicting_options_exit_2_before_any_work(argv, message)
     assert res.returncode == 2, res.stderr
     assert message in " ".join(res.stderr.split()), res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["splitedge", "bench", "codecs", "--codecs", "uq", "--shapes", "100000x1000x100x100"], "out of memory"),
+    (["export-client", "--model", "resnet18", "--cut", "3", "--num-classes", "10000000000", "--out", "{tmp}/a"],
+     "out of memory building resnet18"),
+])
+def test_absurd_sizes_are_a_message_not_a_memory_error_traceback(argv, message, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing written"
