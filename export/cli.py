@@ -57,7 +57,8 @@ class InputShape(click.ParamType):
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Artifact directory [default: artifacts/<model>-cut<N>].")
 @click.option("--force", is_flag=True,
-              help="Replace an existing --out artifact directory (never a directory without manifest.json).")
+              help="Replace an existing --out artifact directory, with everything in it (never a directory without "
+                   "manifest.json).")
 @click.option("--quiet", "-q", is_flag=True, help="Only print errors.")
 def main(model, cut, list_cuts, input_shape, num_classes, weights, optimizer, lr, weight_decay, seed, out, force, quiet):
     """Export the edge part of MODEL cut at --cut as ONNX Runtime training artifacts.
