@@ -46,7 +46,9 @@ A codec entry is ``"name"``, ``"name:BITS"`` or an inline table ``{name, params,
 gradients use the same codec and settings as the activations. Runs with identical
 settings in several groups run once and are reported in each.
 
-Outputs in the output directory:
+Outputs in the output directory (created with a ``.splitedge-experiment`` marker; a non-empty
+directory without one is refused, unless it is an older output of this command, see
+:func:`check_out_dir`):
 
 * ``runs/<run id>/``: the processes' commands, logs, ``cloud-metrics.jsonl``, the clients'
   summaries ``edge-<i>.json``, ``settings.json``, this run's ``evals.jsonl`` and, when done,
@@ -112,6 +114,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "uq_bits": 4,
 }
 EXPERIMENT_ONLY = ("name", "title", "out")
+# as written in a config: _build passes them through the same parsers as the config's own lists
 GRID_DEFAULTS: dict[str, Any] = {
     "codecs": None,  # required
     "partitions": ["iid"],
@@ -375,7 +378,11 @@ def _run_settings(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict
             continue
         w = f"{where} {k}"
         if k == "model":
+            from .export.zoo_names import MODEL_NAMES
+
             out[k] = _str(w, v)
+            if out[k] not in MODEL_NAMES:
+                raise ConfigError(f"{w}: unknown model {out[k]!r}; available: {', '.join(MODEL_NAMES)}")
         elif k == "cut":
             out[k] = _int(w, v, 1) if not isinstance(v, str) else _str(w, v)
         elif k == "data":
@@ -445,24 +452,44 @@ def _grid_lists(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict[s
     return out
 
 
-def load_config(path: str | os.PathLike[str], out: str | None = None) -> Experiment:
-    """Reads and validates a config file; :class:`ConfigError` names the problem."""
+def _check_data_dir(where: str, data: str) -> None:
+    """A data spec that names a directory must name an existing one (cheap: nothing is read)."""
+    from .runtime_edge import data as D
+
+    spec = D.parse_spec(data)
+    if spec.path is not None and not Path(spec.path).expanduser().is_dir():
+        how = {"fashion-mnist": D.FASHION_MNIST_HELP, "mnist": D.MNIST_HELP, "idx": D.IDX_HELP,
+               "cifar10": D.CIFAR10_HELP, "folder": D.FOLDER_HELP}.get(spec.kind)
+        raise ConfigError(f"{where}: {data!r}: directory {spec.path} not found" + (f". {how}" if how else ""))
+
+
+def load_config(path: str | os.PathLike[str], out: str | None = None, check_data: bool = True) -> Experiment:
+    """Reads and validates a config file; :class:`ConfigError` names the problem.
+
+    ``check_data=False`` skips the check that data directories exist (:func:`_check_data_dir`).
+    """
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "a TOML config must be UTF-8") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     try:
-        return _build(doc, p, text, out)
+        return _build(doc, p, text, out, check_data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 
 
-def _build(doc: dict[str, Any], path: Path, text: str, out_override: str | None) -> Experiment:
+def _build(doc: dict[str, Any], path: Path, text: str, out_override: str | None,
+           check_data: bool = True) -> Experiment:
     _known("top level", doc, ("experiment", "grid", "group"))
     exp = doc.get("experiment")
     if not isinstance(exp, dict):
@@ -481,7 +508,9 @@ def _build(doc: dict[str, Any], path: Path, text: str, out_override: str | None)
     if not isinstance(grid, dict):
         raise ConfigError("[grid] must be a table")
     _known("[grid]", grid, GRID_DEFAULTS)
-    grid_base = _grid_lists("[grid]", grid, GRID_DEFAULTS)
+    # the defaults are parsed like explicit lists: an omitted bandwidth is exactly "unlimited" (None)
+    defaults = _grid_lists("defaults", {k: v for k, v in GRID_DEFAULTS.items() if v is not None}, GRID_DEFAULTS)
+    grid_base = _grid_lists("[grid]", grid, defaults)
 
     raw_groups = doc.get("group")
     if raw_groups is None:
@@ -505,6 +534,9 @@ def _build(doc: dict[str, Any], path: Path, text: str, out_override: str | None)
         names.add(gname)
         where = f"[[group]] {gname!r}"
         settings = _run_settings(where, g, run_base)
+        if check_data:
+            _check_data_dir(f"{where} data" if "data" in g else "[experiment] data" if "data" in exp
+                            else "[experiment] data (default)", settings["data"])
         lists = _grid_lists(where, g, grid_base)
         if not lists["codecs"]:
             raise ConfigError(f"{where}: no codecs: give codecs = [...] in [grid] or in the group")
@@ -993,7 +1025,63 @@ def write_outputs(exp: Experiment, failed: list[dict[str, Any]], plots: bool = T
 
 # ----------------------------------------------------------------------------------- command
 
+MARKER = ".splitedge-experiment"  # marks an output directory this command created or took over
+# what the command writes at the top of its output directory (and the temporary names of fsutil's atomic writes)
+OWN_NAMES = ("runs", "artifacts", "plots", "config.toml", "evals.jsonl", "results.md", "results.json")
+_OWN_TMP = re.compile(r"\.(config\.toml|evals\.jsonl|results\.md|results\.json)\.tmp-\d+")
 
+
+def _is_old_output(out: Path) -> bool:
+    """An output directory of this command from before the marker: its own files only, its
+    ``config.toml`` and at least one run directory (``runs/<id>/settings.json``, a run's first file)."""
+    try:
+        names = [p.name for p in out.iterdir()]
+        return ((out / "config.toml").is_file() and (out / "runs").is_dir()
+                and any((out / "runs").glob("*/settings.json"))
+                and all(n in OWN_NAMES or _OWN_TMP.fullmatch(n) for n in names))
+    except OSError:
+        return False
+
+
+def check_out_dir(out: Path) -> bool:
+    """Refuses (:class:`UserError`) an output directory that is not this command's to write.
+
+    Accepted: a directory that does not exist yet or is empty, one with the :data:`MARKER`,
+    and an output of this command written before the marker existed (:func:`_is_old_output`).
+    Anything else (say, ``--out`` mistyped as a directory of the user's own with a
+    ``results.md`` in it) would have files overwritten. Returns whether the marker is missing.
+    """
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        raise UserError(f"output directory {out} exists and is not a directory")
+    if (out / MARKER).is_file():
+        return False
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise UserError(f"output directory {out}: cannot read: {e.strerror or e}") from None
+    if empty or _is_old_output(out):
+        return True
+    raise UserError(f"output directory {out} is not empty and was not written by splitedge experiment (it has no "
+                    f"{MARKER} file); choose another --out, or, if it is the output of an experiment run before "
+                    f"that marker existed, mark it with: touch {out / MARKER}")
+
+
+def init_out_dir(out: Path, text: str) -> None:
+    """Creates (or takes over, see :func:`check_out_dir`) the output directory; writes its
+    marker, then ``config.toml``."""
+    from .fsutil import atomic_write_bytes
+
+    unmarked = check_out_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if unmarked:
+            (out / MARKER).write_text("written by `splitedge experiment`: its runs, results and plots; a rerun with "
+                                      "this output directory resumes and rewrites them\n")
+        atomic_write_bytes(out / "config.toml", text.encode("utf-8"))
+    except OSError as e:
+        raise UserError(f"output directory {out}: cannot write: {e.strerror or e}") from None
 
 
 def _select(exp: Experiment, patterns: tuple[str, ...]) -> list[tuple[RunConfig, float]]:
@@ -1011,7 +1099,8 @@ def _select(exp: Experiment, patterns: tuple[str, ...]) -> list[tuple[RunConfig,
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory [default: the config's out, else runs/experiments/<name>].")
+              help="Output directory [default: the config's out, else runs/experiments/<name>]; a non-empty "
+                   "directory that this command did not write is refused.")
 @click.option("--dry-run", is_flag=True, help="List the runs (done or to do) and exit.")
 @click.option("--only", "only", multiple=True, metavar="PATTERN",
               help="Run only runs whose id or group name matches this glob (repeatable); the report covers "
@@ -1026,7 +1115,8 @@ def main(config, out, dry_run, only, report_only, progress_every):
     Each run is one cloud-serve and K edge-train processes on this machine, one run
     at a time. A finished run (its result.json) is never redone: rerun the same
     command after an interruption or a failure and only the missing runs execute.
-    Exit code 0 when every selected run finished, 1 if some failed, 2 for a bad config.
+    Exit code 0 when every selected run finished, 1 if some failed, 2 for a bad config
+    or an output directory it did not write.
 
     \b
     Example:
@@ -1035,9 +1125,10 @@ def main(config, out, dry_run, only, report_only, progress_every):
       splitedge experiment experiments/papers.toml --only 'sgq4-*' --out /tmp/sgq
     """
     try:
-        exp = load_config(config, out)
+        exp = load_config(config, out, check_data=not report_only)
     except ConfigError as e:
         raise UserError(str(e)) from None
+    check_out_dir(exp.out)
     runs = _select(exp, only)
     if only and not runs:
         raise click.BadParameter(f"no run id or group name matches {', '.join(only)}", param_hint="--only")
@@ -1051,8 +1142,7 @@ def main(config, out, dry_run, only, report_only, progress_every):
             echo(f"[{i}/{len(runs)}] {'done' if r.run_id in done else 'todo'}  {r.run_id}  "
                  f"({r.codec.label}; {r.describe_setting()}; seed {r.seed})")
         return
-    exp.out.mkdir(parents=True, exist_ok=True)
-    (exp.out / "config.toml").write_text(exp.text)
+    init_out_dir(exp.out, exp.text)
     failed: list[dict[str, Any]] = []
     if not report_only:
         t_grid = time.monotonic()

@@ -328,6 +328,11 @@ def _config_error(tmp_path: Path, text: str) -> str:
     (('[grid]', '[grid]\nfoo = 1'), ["[grid]", "unknown key 'foo'"]),
     (('[grid]', '[[group]]\ntitle = "x"\n[grid]'), ["[[group]] #1", "'name' is required"]),
     (('name = "tiny"', 'name = "tiny"\n['), ["not valid TOML"]),
+    (('batch_size = 16', 'batch_size = 16\nmodel = "nosuch"'), ["[experiment] model", "unknown model 'nosuch'",
+                                                               "resnet18"]),
+    ((SYNTH, "idx:/nope"), ["[experiment] data", "'idx:/nope'", "directory /nope not found"]),
+    (('[grid]', '[[group]]\nname = "g"\ndata = "cifar10:/nope"\n[grid]'),
+     ["[[group]] 'g' data", "directory /nope not found"]),
 ])
 def test_config_errors_exit_2_and_name_the_key(tmp_path, edit, expected):
     old, new = edit
@@ -368,3 +373,130 @@ def test_importing_the_command_loads_no_plotting_or_training_stack():
     p = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_an_omitted_bandwidth_is_the_explicit_unlimited(tmp_path):
+    """Without [grid] bandwidth the runs are those of bandwidth = ["unlimited"]: same ids, same
+    edge-train command lines, which edge-train accepts (it parses --bandwidth with parse_rate)."""
+    from splitedge.shaping import parse_rate
+
+    omitted, explicit, shaped = tmp_path / "omitted.toml", tmp_path / "explicit.toml", tmp_path / "shaped.toml"
+    omitted.write_text(CONFIG.replace('bandwidth = ["50mbit"]\n', ""))
+    explicit.write_text(CONFIG.replace('"50mbit"', '"unlimited"'))
+    shaped.write_text(CONFIG)
+    runs = {p.stem: [r for r, _ in X.load_config(p).runs()] for p in (omitted, explicit, shaped)}
+    assert [r.run_id for r in runs["omitted"]] == [r.run_id for r in runs["explicit"]]
+    assert [r.edge_args() for r in runs["omitted"]] == [r.edge_args() for r in runs["explicit"]]
+    assert all("--bandwidth" not in r.edge_args() for r in runs["omitted"])
+    assert all(r.describe_setting().startswith("IID, 2 clients, unlimited links") for r in runs["omitted"])
+    rates = []
+    for r in runs["omitted"] + runs["shaped"]:
+        args = r.edge_args()
+        rates += [parse_rate(args[i + 1]) for i, a in enumerate(args) if a == "--bandwidth"]
+    assert rates == [50e6, 50e6], "the shaped runs pass a rate edge-train parses"
+
+
+def test_a_config_that_is_not_utf8_exits_2_and_names_the_file(tmp_path):
+    cfg = tmp_path / "bin.toml"
+    cfg.write_bytes(b'[experiment]\nname = "caf\xe9"\n')
+    result = CliRunner().invoke(X.main, [str(cfg), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), "no traceback"
+    assert str(cfg) in result.output and "not a UTF-8 text file" in result.output and "0xe9" in result.output
+
+
+def _invoke(cfg: Path, out: Path, *args: str):
+    return CliRunner().invoke(X.main, [str(cfg), "--out", str(out), *args])
+
+
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("args", [(), ("--report-only",), ("--dry-run",)])
+def test_a_directory_of_the_users_own_is_refused_untouched(tmp_path, args):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "results.md").write_text("my results\n")
+    (mine / "config.toml").write_text("my config\n")
+    (mine / "plots" / "tiny-accuracy-time.png").write_bytes(b"my plot")
+    before = _snapshot(mine)
+    result = _invoke(cfg, mine, *args)
+    assert result.exit_code == 2, result.output
+    assert f"output directory {mine} is not empty" in result.output and X.MARKER in result.output
+    assert _snapshot(mine) == before, "nothing written, nothing replaced"
+
+
+def test_out_is_a_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    (tmp_path / "f").write_text("a file\n")
+    # the config's own out (--out's click.Path refuses a file itself)
+    cfg.write_text(CONFIG.replace('title = "Tiny grid"', f'title = "Tiny grid"\nout = "{tmp_path / "f"}"'))
+    result = CliRunner().invoke(X.main, [str(cfg), "--report-only"])
+    assert result.exit_code == 2, result.output
+    assert "exists and is not a directory" in result.output and (tmp_path / "f").read_text() == "a file\n"
+
+
+def test_the_output_directory_is_marked_and_reused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    for out in (tmp_path / "new" / "out", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        first = _invoke(cfg, out, "--report-only")
+        assert first.exit_code == 0, first.output
+        assert (out / X.MARKER).is_file() and (out / "config.toml").read_text() == CONFIG
+        assert "2 grid points not finished" in first.output
+        (out / "results.md").write_text("stale\n")
+        again = _invoke(cfg, out, "--report-only")
+        assert again.exit_code == 0, again.output
+        assert (out / "results.md").read_text().startswith("# Tiny grid"), "its own results are rewritten"
+
+
+def _old_output(out: Path) -> None:
+    """The layout of an output written before the marker existed."""
+    run = out / "runs" / "fp32-iid-c2-50mbit-s50-seed0-00000000"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text("{}\n")
+    (out / "config.toml").write_text(CONFIG)
+    (out / "results.md").write_text("old\n")
+    (out / "evals.jsonl").write_text("")
+
+
+def test_an_output_from_before_the_marker_is_resumed(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "old"
+    _old_output(out)
+    result = _invoke(cfg, out, "--report-only")
+    assert result.exit_code == 0, result.output
+    assert (out / X.MARKER).is_file() and (out / "results.md").read_text().startswith("# Tiny grid")
+
+
+def test_an_old_looking_output_with_foreign_files_needs_the_marker(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "old"
+    _old_output(out)
+    (out / "notes.txt").write_text("mine\n")
+    before = _snapshot(out)
+    result = _invoke(cfg, out, "--report-only")
+    assert result.exit_code == 2, result.output
+    assert f"touch {out / X.MARKER}" in result.output and _snapshot(out) == before
+    (out / X.MARKER).touch()  # what the message says to do
+    result = _invoke(cfg, out, "--report-only")
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "results.md").read_text().startswith("# Tiny")
+
+
+def test_report_only_needs_no_data(tmp_path):
+    """Rebuilding a report reads the runs' results only; the data directory may be gone."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.replace(SYNTH, "idx:/nope"))
+    assert _invoke(cfg, tmp_path / "out", "--dry-run").exit_code == 2
+    result = _invoke(cfg, tmp_path / "out", "--report-only")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "results.md").is_file()
