@@ -103,7 +103,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
     from ..export.manifest import ManifestError
     from .. import protocol as P
     from ..codecs import PayloadError
-    from .client import EdgeClient, EdgeConfig, EdgeError, RemoteError, ResumeMismatch
+    from .client import EdgeClient, EdgeConfig, EdgeError, EdgeInputError, RemoteError, ResumeMismatch, SummaryError
     from .data import DatasetError
 
     if epochs is not None and steps is not None:
@@ -148,14 +148,24 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
 
     if not os.environ.get("SPLITEDGE_NO_LOG_SETUP"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        # onnxruntime's training build imports torch, whose INFO lines (e.g. "FakeTensor cache stats" at
+        # exit) are not this program's: keep them out of the INFO level set for edge-train's own log
+        logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         result = EdgeClient(cfg).run()
-    except (ManifestError, DatasetError, ResumeMismatch) as e:
+    except (ManifestError, DatasetError, ResumeMismatch, EdgeInputError) as e:
         raise UserError(str(e)) from None
+    except SummaryError as e:  # the run completed: its result still goes to stdout
+        _echo_result(e.summary)
+        raise click.ClickException(str(e)) from None
     except (EdgeError, RemoteError, OSError) as e:
         raise click.ClickException(str(e)) from None
     except (P.ProtocolError, PayloadError) as e:  # a message from the cloud that breaks the protocol
         raise click.ClickException(f"the cloud sent a malformed message: {e}") from None
+    _echo_result(result)
+
+
+def _echo_result(result: dict) -> None:
     click.echo(json.dumps({k: result[k] for k in ("client_id", "final_accuracy", "steps", "bytes_sent",
                                                    "bytes_received", "wall_time_s")}))
 

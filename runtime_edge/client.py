@@ -17,11 +17,13 @@ step the cloud has applied.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -45,6 +47,20 @@ log = logging.getLogger("edge-train")
 
 class EdgeError(RuntimeError):
     """A failure the user must act on (cloud unreachable, incompatible artifacts, ...)."""
+
+
+class EdgeInputError(EdgeError):
+    """Bad input found before training starts (arguments, key files, output places that cannot be
+    written, data that does not fit the artifacts): nothing was trained or written. ``edge-train``
+    exits with code 2 on it."""
+
+
+class SummaryError(EdgeError):
+    """The run completed but --summary could not be written; ``summary`` holds what it would have held."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -100,12 +116,29 @@ class Progress:
 
 class EdgeClient:
     def __init__(self, cfg: EdgeConfig):
-        from .ort_backend import EdgeModel
-
         cfg, self.provider_choice = _apply_profile(cfg)
         self.cfg = cfg
         if cfg.num_clients < 1 or not 0 <= cfg.client_id < cfg.num_clients:
-            raise EdgeError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
+            raise EdgeInputError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
+        # the cheap checks of the input first: before seconds of loading, and never after the training
+        curve = None
+        if cfg.curve_secret or cfg.server_key:
+            if not (cfg.curve_secret and cfg.server_key):
+                raise EdgeInputError("--curve-secret and --server-key go together")
+            try:
+                public, secret = security.load_keypair(cfg.curve_secret)
+            except security.KeyFileError as e:
+                raise EdgeInputError(f"--curve-secret: {e}") from None
+            try:
+                curve = security.CurveClient(public, secret, security.load_public(cfg.server_key))
+            except security.KeyFileError as e:
+                raise EdgeInputError(f"--server-key: {e}") from None
+        if cfg.checkpoint_dir:
+            _check_checkpoint_dir(Path(cfg.checkpoint_dir), cfg.resume)
+        if cfg.summary:
+            _check_writable_dir(Path(cfg.summary).parent, f"--summary {cfg.summary}: its directory")
+        from .ort_backend import CheckpointLoadError, EdgeModel
+
         self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self.progress = Progress()
         ckpt_file = None
@@ -113,7 +146,7 @@ class EdgeClient:
         latest = None
         if cfg.resume:
             if self.ckpt is None:
-                raise EdgeError("--resume needs --checkpoint-dir")
+                raise EdgeInputError("--resume needs --checkpoint-dir")
             latest = self.ckpt.latest()
             if latest is not None:
                 ckpt_file = latest / "edge_checkpoint"
@@ -122,20 +155,29 @@ class EdgeClient:
                     _check_resume(resumed_run, _artifacts_identity(mf.load(cfg.artifacts)), latest)
                 log.info("resuming from %s at step %d (epoch %d, batch %d)", latest, self.progress.step,
                          self.progress.epoch, self.progress.batch)
-        self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads, lr=cfg.lr,
-                               inference_providers=cfg.inference_providers,
-                               inference_provider_options=cfg.inference_provider_options)
+        try:
+            self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads,
+                                   lr=cfg.lr, inference_providers=cfg.inference_providers,
+                                   inference_provider_options=cfg.inference_provider_options)
+        except CheckpointLoadError as e:
+            assert latest is not None and self.ckpt is not None
+            earlier = sorted((p.name for p in self.ckpt.root.glob("ckpt-*") if p.is_dir() and p != latest),
+                             reverse=True)
+            hint = (f"resume from an earlier one by writing its name ({earlier[0]}) into {self.ckpt.root / 'LATEST'}, "
+                    if earlier else "")
+            raise EdgeError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
+                            "--checkpoint-dir") from None
         self.manifest = self.model.manifest
         self.train_set = D.load(cfg.data, split="train")
         self.test_set = D.load(cfg.data, split="test")
         if tuple(self.train_set.input_shape) != tuple(self.manifest.input_shape):
-            raise EdgeError(
+            raise EdgeInputError(
                 f"{cfg.data} has inputs {'x'.join(map(str, self.train_set.input_shape))} but the artifacts expect "
                 f"{'x'.join(map(str, self.manifest.input_shape))}: re-export with "
                 f"--input-shape {','.join(map(str, self.train_set.input_shape))}"
             )
         if self.train_set.num_classes > self.manifest.num_classes:
-            raise EdgeError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
+            raise EdgeInputError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
                             f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
         try:
             shards = D.partition_all(self.train_set.labels, cfg.num_clients, cfg.partition, cfg.seed)
@@ -147,7 +189,7 @@ class EdgeClient:
             _check_resume(resumed_run, self._run_identity(), latest)
         self.batches_per_epoch = len(self.shard) // cfg.batch_size
         if self.batches_per_epoch < 1:
-            raise EdgeError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
+            raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
                             f"of {cfg.batch_size}")
         self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
         self.ctx = zmq.Context.instance()
@@ -155,14 +197,6 @@ class EdgeClient:
         self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
         if self.link.active:
             log.info("emulated link: %s", self.link.describe())
-        curve = None
-        if cfg.curve_secret or cfg.server_key:
-            if not (cfg.curve_secret and cfg.server_key):
-                raise EdgeError("--curve-secret and --server-key go together")
-            try:
-                curve = security.client_config(cfg.curve_secret, cfg.server_key)
-            except security.KeyFileError as e:
-                raise EdgeError(str(e)) from None
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
         act_bytes = 4 * cfg.batch_size * int(np.prod(self.manifest.activation_shape))
         param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
@@ -177,6 +211,7 @@ class EdgeClient:
         self.last_loss = float("nan")
         self.train_correct = 0
         self.train_seen = 0
+        self._welcomed = False  # set by the first WELCOME of this process
 
     # ------------------------------------------------------------------ requests
 
@@ -280,6 +315,17 @@ class EdgeClient:
             self.fwd_codec = codec
         self.settings = {"codec": h["codec"], "grad_codec": h["grad_codec"]}
         self.fedavg_every = h["fedavg_every"]
+        first, self._welcomed = not self._welcomed, True
+        if first and not self.cfg.resume and h["last_step"] > 0:
+            # the skip below is for a run that continues (--resume after a crash, a HELLO again after the
+            # cloud restarted): a fresh run would skip batches it never trained and count the steps as its own.
+            # Exit code 1, like the cloud's client_id_taken: a conflict with the cloud's state, found only once
+            # connected; the same arguments are fine against another cloud
+            raise EdgeError(
+                f"the cloud at {self.cfg.connect} has already applied {h['last_step']} steps from --client-id "
+                f"{self.cfg.client_id} (an earlier run with this id); this run without --resume would start from the "
+                "initial weights and skip them. Continue that run with --resume and its --checkpoint-dir, give this "
+                "run another --client-id, or start a fresh cloud-serve")
         if h["last_step"] > self.progress.step:
             # the cloud applied steps this edge's checkpoint does not have: skip their batches, never re-send them
             skip = min(h["last_step"], self.planned_steps) - self.progress.step
@@ -327,10 +373,14 @@ class EdgeClient:
         finally:
             bar.close()
         summary = self.summary(final)
-        if self.cfg.summary:
-            Path(self.cfg.summary).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.cfg.summary, summary)
         self.ep.close(linger_ms=200)
+        if self.cfg.summary:
+            try:
+                Path(self.cfg.summary).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.cfg.summary, summary)
+            except OSError as e:
+                raise SummaryError(f"--summary {self.cfg.summary} could not be written ({e.strerror or e}); the run "
+                                   f"itself completed ({self.progress.step} steps)", summary) from None
         return summary
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -339,7 +389,7 @@ class EdgeClient:
         t0 = time.perf_counter()
         act = self.model.forward(x)
         t1 = time.perf_counter()
-        blob = self.fwd_codec.encode(act, round=step, total_rounds=self.planned_steps)
+        blob = self._encode(act, f"training diverged at step {step}", round=step, total_rounds=self.planned_steps)
         t2 = time.perf_counter()
         header = {"step": step, "n": int(x.shape[0]), "round": step, "total_rounds": self.planned_steps,
                   "encode_ms": round((t2 - t1) * 1000, 3)}
@@ -358,6 +408,10 @@ class EdgeClient:
                 if e.code == P.ErrorCode.STALE_STEP and e.header.get("expected_step"):
                     self._advance(int(e.header["expected_step"]) - step)
                     return
+                if e.code == P.ErrorCode.NOT_FINITE:
+                    self._bye("diverged")
+                    raise EdgeError(f"training diverged at step {step}: the cloud rejected it ({e}); learning rate "
+                                    "too high (this edge's --lr, or the cloud's)?" + self._ckpt_note()) from None
                 raise EdgeError(f"the cloud rejected step {step}: {e}") from None
         t3 = time.perf_counter()
         P.expect_frames(msg, 1)
@@ -414,6 +468,8 @@ class EdgeClient:
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy on the test split (or its first --eval-samples), through the same codec."""
+        from .ort_backend import ModelLoadError
+
         ds = self.test_set
         n_total = len(ds.labels) if not self.cfg.eval_samples else min(self.cfg.eval_samples, len(ds.labels))
         correct = 0
@@ -422,8 +478,11 @@ class EdgeClient:
         for start in range(0, n_total, self.cfg.eval_batch_size):
             x = ds.images[start:min(start + self.cfg.eval_batch_size, n_total)]
             y = ds.labels[start:start + len(x)]
-            act = self.model.infer(x)
-            blob = self.fwd_codec.encode(act, training=False)
+            try:
+                act = self.model.infer(x)
+            except ModelLoadError as e:
+                raise EdgeError(str(e)) from None
+            blob = self._encode(act, f"training diverged by step {self.progress.step}", training=False)
             self._eval_id += 1
             msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)), "has_labels": True},
                                 [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
@@ -443,6 +502,30 @@ class EdgeClient:
                  result["step"], 100 * result["accuracy"], n_total, result["loss"])
         return result
 
+    def _encode(self, act: np.ndarray, diverged: str, **kw: Any) -> bytes:
+        """The activation, encoded; a diverged run (NaN/Inf, or values too large for the codec) stops with
+        EdgeError saying so (``diverged`` begins the message): its weights are lost."""
+        if not np.isfinite(act).all():
+            problem = "the activations contain NaN/Inf"
+        else:
+            try:
+                return self.fwd_codec.encode(act, **kw)
+            except ValueError as e:  # finite, but e.g. too large for SGQ's float32 distances
+                problem = (f"the activations cannot be encoded ({self.settings['codec']['name']}: {e}; largest "
+                           f"|value| {float(np.abs(act).max()):.3g})")
+        self._bye("diverged")
+        raise EdgeError(f"{diverged}: {problem}; learning rate too high? (this edge's is {self.model.lr:g})"
+                        + self._ckpt_note())
+
+    def _ckpt_note(self) -> str:
+        if not self.ckpt:
+            return ""
+        try:
+            latest = self.ckpt.latest()
+        except OSError:
+            latest = None
+        return f"; the last checkpoint saved is {latest}" if latest else ""
+
     def _bye(self, reason: str) -> None:
         try:
             self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
@@ -460,7 +543,12 @@ class EdgeClient:
         try:
             self.ckpt.write(f"{p.step:09d}", write)
         except (OSError, RuntimeError) as e:  # ONNX Runtime reports a failed write (ENOSPC too) as RuntimeError
-            log.error("edge checkpoint at step %d failed: %s; the previous one is intact", p.step, e)
+            try:
+                previous = self.ckpt.latest()
+            except OSError:
+                previous = None
+            log.error("edge checkpoint at step %d failed: %s; %s", p.step, e,
+                      f"the previous one is intact ({previous.name})" if previous else "no checkpoint has been saved")
 
     def _run_identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (see :func:`_check_resume`)."""
@@ -484,6 +572,44 @@ class EdgeClient:
             "profile": self.cfg.profile,
             "providers": self.provider_choice.sentence if self.provider_choice is not None else None,
         }
+
+
+def _check_writable_dir(d: Path, what: str) -> None:
+    """EdgeInputError naming ``what`` unless directory ``d`` can be written, or created (tried, not read off
+    permission bits, which say nothing to root): a probe file in ``d``, or a probe directory in its nearest
+    existing ancestor. Leaves nothing behind."""
+    target = d.absolute()
+    try:
+        while not target.exists() and target.parent != target:
+            if target.is_symlink():  # a dangling link: mkdir would fail on it
+                raise OSError(errno.ENOENT, "a symbolic link to nothing")
+            target = target.parent
+        if not target.is_dir():
+            raise OSError(errno.ENOTDIR, f"{target} is not a directory")
+        if target == d.absolute():
+            fd, probe = tempfile.mkstemp(dir=target, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=target, prefix=".write-test-"))
+    except OSError as e:
+        raise EdgeInputError(f"{what} {d} cannot be created or written ({e.strerror or e})") from None
+
+
+def _check_checkpoint_dir(d: Path, resume: bool) -> None:
+    """A fresh run needs an empty (or new) --checkpoint-dir: its first checkpoint would point LATEST at
+    itself, and the run whose checkpoints are there could not --resume any more."""
+    if not resume and d.is_dir():
+        try:
+            held = sorted(p.name for p in d.iterdir())
+        except OSError as e:
+            raise EdgeInputError(f"--checkpoint-dir {d} cannot be read ({e.strerror or e})") from None
+        if held:
+            more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+            raise EdgeInputError(
+                f"--checkpoint-dir {d} is not empty (it holds {', '.join(held[:3])}{more}): to continue the run "
+                "whose checkpoints these are, add --resume; to start a new run, give an empty or new directory")
+    _check_writable_dir(d, "--checkpoint-dir")
 
 
 def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:

@@ -23,17 +23,47 @@ running_var uses the unbiased one, a factor n/(n-1) on the update).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-import onnxruntime as ort
-from onnxruntime.training.api import CheckpointState, Module, Optimizer
-
 from ..export import manifest as mf
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Holds back Ctrl-C until the block is done, then raises KeyboardInterrupt.
+
+    Importing onnxruntime's training build takes seconds (it imports torch). A KeyboardInterrupt
+    in the middle of it can land inside a C extension's module initialisation, which aborts the
+    process ("terminate called after throwing an instance of 'pybind11::error_already_set'"), or
+    leave torch half-imported with its exit hooks registered but its loggers not yet quietened
+    (they then print "FakeTensor cache stats" at exit).
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+with _sigint_deferred():
+    import onnxruntime as ort
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +71,28 @@ ort.set_default_logger_severity(3)  # ORT's INFO/WARNING graph-transformer chatt
 
 INPUT = "input"
 GRAD_INPUT = "grad_activation"
+
+
+class ModelLoadError(RuntimeError):
+    """ONNX Runtime cannot load a model or checkpoint file (``path`` names it)."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str]):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class CheckpointLoadError(ModelLoadError):
+    """The edge checkpoint given to :class:`EdgeModel` (a --resume checkpoint) cannot be loaded."""
+
+
+def ort_reason(e: BaseException) -> str:
+    """ONNX Runtime's own words from one of its exceptions, on one line and without the C++ source location."""
+    text = " ".join(str(e).split())
+    m = re.search(r"\[ONNXRuntimeError\] : \d+ : (.*)", text)
+    if m:
+        text = m.group(1)
+    text = text.replace(" : ", ": ", 1)
+    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)
 
 
 def available_providers() -> list[str]:
@@ -76,17 +128,42 @@ class EdgeModel:
     ) -> None:
         self.dir = Path(artifacts)
         self.manifest = mf.load(self.dir, verify=verify)
+        if verify:
+            # mf.load checks the files manifest.json lists: one it does not list is not checked at all
+            unlisted = [f for f in mf.CLIENT_FILES if f not in self.manifest.files]
+            if unlisted:
+                raise mf.ManifestError(
+                    f"{self.dir / mf.MANIFEST_NAME} lists no sha256 for {', '.join(unlisted)}, so these files cannot "
+                    "be checked: the manifest is damaged or was edited; re-export with export-client")
         client = self.dir / "client"
-        self.state = CheckpointState.load_checkpoint(str(checkpoint or client / "checkpoint"))
+        ckpt = Path(checkpoint) if checkpoint else client / "checkpoint"
+        try:
+            self.state = CheckpointState.load_checkpoint(str(ckpt))
+        except Exception as e:  # ORT raises RuntimeError or its own Exception subclasses
+            if checkpoint:
+                raise CheckpointLoadError(f"{ckpt} cannot be loaded by ONNX Runtime ({ort_reason(e)})", ckpt) from None
+            raise _damaged(ckpt, e) from None
         self._options = _session_options(threads)
-        self.module = Module(
-            str(client / "training_model.onnx"),
-            self.state,
-            str(client / "eval_model.onnx"),
-            device=device,
-            session_options=self._options,
-        )
-        self.optimizer = Optimizer(str(client / "optimizer_model.onnx"), self.module)
+        try:
+            self.module = Module(
+                str(client / "training_model.onnx"),
+                self.state,
+                str(client / "eval_model.onnx"),
+                device=device,
+                session_options=self._options,
+            )
+        except Exception as e:
+            named = [f for f in ("training_model.onnx", "eval_model.onnx") if f in str(e)]
+            if named:
+                raise _damaged(client / named[0], e) from None
+            if checkpoint:  # the models parse: the checkpoint does not fit them
+                raise CheckpointLoadError(f"{ckpt} does not fit {client / 'training_model.onnx'} "
+                                          f"({ort_reason(e)})", ckpt) from None
+            raise _damaged(client / "training_model.onnx", e) from None
+        try:
+            self.optimizer = Optimizer(str(client / "optimizer_model.onnx"), self.module)
+        except Exception as e:
+            raise _damaged(client / "optimizer_model.onnx", e) from None
         self.optimizer.set_learning_rate(float(lr if lr is not None else self.manifest.optimizer.lr))
         self.param_names = tuple(self.manifest.trainable_params) + tuple(self.manifest.frozen_params)
         self._inference_model = client / "inference_model.onnx"
@@ -97,6 +174,16 @@ class EdgeModel:
         self._version = 0  # bumped whenever parameters change
         self.input_shape = tuple(self.manifest.input_shape)
         self.activation_shape = tuple(self.manifest.activation_shape)
+        # the inference session is created at the first evaluation, after training: make sure now that
+        # the file loads at all (on the CPU, unoptimised: cheap), not after the training it would end
+        try:
+            probe = ort.SessionOptions()
+            probe.log_severity_level = 3
+            probe.intra_op_num_threads = 1
+            probe.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ort.InferenceSession(str(self._inference_model), sess_options=probe, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _damaged(self._inference_model, e) from None
 
     # ---------------------------------------------------------------- steps
 
@@ -146,12 +233,17 @@ class EdgeModel:
             self._infer_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._infer_arrays.items()}
             for k, v in self._infer_values.items():
                 so.add_initializer(k, v)
-            self._infer_session = ort.InferenceSession(
-                str(self._inference_model),
-                sess_options=so,
-                providers=self._inference_providers,
-                provider_options=self._inference_provider_options,
-            )
+            try:
+                self._infer_session = ort.InferenceSession(
+                    str(self._inference_model),
+                    sess_options=so,
+                    providers=self._inference_providers,
+                    provider_options=self._inference_provider_options,
+                )
+            except Exception as e:
+                raise ModelLoadError(f"ONNX Runtime cannot create a session of {self._inference_model} with "
+                                     f"{', '.join(self._inference_providers)} ({ort_reason(e)})",
+                                     self._inference_model) from None
             self._infer_version = self._version
         return self._infer_session
 
@@ -203,3 +295,9 @@ class EdgeModel:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _damaged(path: Path, e: BaseException) -> mf.ManifestError:
+    """An artifact file whose checksum matches manifest.json but that ONNX Runtime cannot load."""
+    return mf.ManifestError(f"{path} cannot be loaded by ONNX Runtime ({ort_reason(e)}): the artifacts are damaged; "
+                            "re-export with export-client")
