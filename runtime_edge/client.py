@@ -237,6 +237,10 @@ class EdgeClient:
                 raise EdgeError(f"the cloud at {self.cfg.connect} refused this edge's CurveZMQ key: is its public key "
                                 "in the cloud's --authorized-clients directory, and --server-key the cloud's key?")
             if failure == "protocol":
+                if self.cfg.server_key:
+                    raise EdgeError(f"the CurveZMQ handshake with {self.cfg.connect} failed: is --server-key "
+                                    f"{self.cfg.server_key} the public key of this cloud's --curve-secret, and does "
+                                    "the cloud use CurveZMQ at all (cloud-serve --curve-secret)?")
                 raise EdgeError(f"the handshake with {self.cfg.connect} failed: the cloud and this edge disagree on "
                                 "encryption (a cloud with --curve-secret needs edges with --curve-secret and "
                                 "--server-key, and the other way round)")

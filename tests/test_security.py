@@ -104,6 +104,12 @@ def test_a_listed_key_trains_and_an_unlisted_key_is_refused(art, keys, tmp_path)
 
         plain = _edge(art, port, tmp_path, "--give-up", "5", "--timeout", "1", name="plain")
         assert plain.returncode == 1 and "disagree on encryption" in plain.stderr
+
+        # a listed edge key with another cloud's public key: the message points at --server-key
+        other = security.generate(tmp_path / "other-keys", 1)
+        wrong = _edge(art, port, tmp_path, "--curve-secret", str(keys / "clients" / "client-0.key_secret"),
+                      "--server-key", str(other["server"][0]), "--give-up", "10", "--timeout", "2", name="wrong")
+        assert wrong.returncode == 1 and "is --server-key" in wrong.stderr, wrong.stderr
         steps = [e for e in launch.read_jsonl(tmp_path / "m.jsonl") if e["event"] == "step"]
         assert len(steps) == 5, "only the listed edge's steps reached the server"
         assert cloud.poll() is None, "the cloud must survive refused peers"
