@@ -34,7 +34,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import FiniteFloat
+from ..errors import FiniteFloat, UserError
+from ..fsutil import check_writable_file
 
 
 @dataclass
@@ -281,6 +282,18 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
         shape = _shape(input_shape)
     except ValueError:
         raise click.BadParameter(f"{input_shape!r}: write CxHxW, e.g. 1x16x16", param_hint="--input-shape") from None
+    if artifacts is not None:
+        from ..export import manifest as mf
+
+        try:
+            mf.load(artifacts)
+        except mf.ManifestError as e:
+            raise UserError(f"--artifacts: {e}") from None
+    if json_path:  # found out now, not after the run (whose results would be lost)
+        try:
+            check_writable_file(json_path)
+        except OSError as e:
+            raise UserError(f"--json: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory(prefix="splitedge-load-") as tmp:
         work = Path(tmp)
         if artifacts is None:
@@ -307,7 +320,11 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
     click.echo(f"  errors:           {r['errors']}" + (f" {r['error_kinds']}" if r["errors"] else ""))
     click.echo(json.dumps(r))
     if json_path:
-        Path(json_path).write_text(json.dumps(r, indent=2) + "\n")
+        try:
+            Path(json_path).write_text(json.dumps(r, indent=2) + "\n")
+        except OSError as e:  # e.g. a full disk since the check: the results are on stdout above
+            raise click.ClickException(f"--json: cannot write {json_path}: {e.strerror or e} "
+                                       "(the results are the JSON line above)") from None
         click.echo(f"wrote {json_path}")
     if r["errors"]:
         raise SystemExit(1)

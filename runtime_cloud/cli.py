@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from .. import codecs as sc
 from ..errors import MAX_THREADS, FiniteFloat, UserError
-from ..transport import endpoint_option
+from ..fsutil import check_writable_dir, check_writable_file
+from ..transport import bind_endpoint_option
 
 
 def parse_params(items: tuple[str, ...], option: str) -> dict:
@@ -40,7 +42,7 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--artifacts", "-a", required=True, type=click.Path(file_okay=False),
               help="Artifact directory written by export-client (the cloud reads server/ and manifest.json).")
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, callback=endpoint_option,
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, callback=bind_endpoint_option,
               help="ZeroMQ endpoint to listen on (tcp://HOST:PORT or ipc://PATH).")
 @click.option("--codec", type=click.Choice(sc.available()), default="sgq", show_default=True,
               help="Codec of the activations (edge -> cloud). The cloud's settings are sent to every edge.")
@@ -67,11 +69,13 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--fedavg-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Average the clients' edge weights every K of their steps (0: off).")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Where to keep checkpoints of the server model, optimizer and client progress.")
+              help="Where to keep checkpoints of the server model, optimizer and client progress (without "
+                   "--resume: a directory that holds no checkpoints yet).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N server steps (and at shutdown).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
+              help="Checkpoints kept in --checkpoint-dir (older ones are deleted; a checkpoint at the server step "
+                   "of an earlier one replaces it).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None,
               help="Append JSON lines (one per step, error, FedAvg round, checkpoint) to this file.")
@@ -153,6 +157,22 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         mf.load(artifacts)
     except mf.ManifestError as e:
         raise UserError(str(e)) from None
+    # where the server writes: checked now, not found out at the first checkpoint (or never)
+    if checkpoint_dir:
+        ck = Path(checkpoint_dir)
+        if not resume and ck.is_dir() and ((ck / "LATEST").exists() or any(ck.glob("ckpt-*"))):
+            # a fresh run would point LATEST at itself and prune the earlier run's checkpoints
+            raise UserError(f"--checkpoint-dir {checkpoint_dir} holds the checkpoints of an earlier run: add --resume "
+                            "to continue it, or choose another directory")
+        try:
+            check_writable_dir(checkpoint_dir)
+        except OSError as e:
+            raise UserError(f"--checkpoint-dir: {e.strerror or e}") from None
+    if metrics:
+        try:
+            check_writable_file(metrics)
+        except OSError as e:
+            raise UserError(f"--metrics: {e.strerror or e}") from None
     cfg = ServeConfig(
         artifacts=artifacts, bind=bind, codec=codec, codec_params=params, grad_codec=grad_codec,
         grad_codec_params=gparams, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,

@@ -30,7 +30,7 @@ from .. import security
 from ..export import manifest as mf
 from ..fsutil import CheckpointDir, atomic_write_json
 from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
-from .trainer import ServerModel, StepRefused
+from .trainer import CorruptFile, ServerModel, StepRefused, read_json_object
 
 log = logging.getLogger("cloud-serve")
 
@@ -101,8 +101,11 @@ class Metrics:
         self._f = None
         self._failed = False
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", buffering=1)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(path, "a", buffering=1)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot write the metrics file {path}: {e.strerror or e}") from None
 
     def write(self, event: str, **fields: Any) -> None:
         if self._f is None or self._failed:
@@ -648,19 +651,53 @@ class CloudServer:
         if path is None:
             log.info("--resume: no checkpoint in %s yet; starting fresh", self.cfg.checkpoint_dir)
             return
-        state = json.loads((path / "server_state.json").read_text())
-        if (state["model"], state["cut"]) != (self.manifest.model, self.manifest.cut):
-            raise ValueError(f"checkpoint {path} is for {state['model']} cut {state['cut']}, not these artifacts")
-        self.model.load(path)
-        self.server_step = int(state["server_step"])
+        try:
+            server_step, model, cut, progress = _read_server_state(path / "server_state.json")
+            if (model, cut) != (self.manifest.model, self.manifest.cut):
+                raise ValueError(f"checkpoint {path} is for {model} cut {cut}, not these artifacts")
+            self.model.load(path)
+        except CorruptFile as e:
+            raise CorruptFile(e.path, f"{e.why}. The checkpoint {path.name} is damaged: "
+                                      f"{self._resume_advice(path)}") from None
+        self.server_step = server_step
         self._last_ckpt_step = self.server_step
-        self.progress = {int(k): dict(v) for k, v in state["clients"].items()}
+        self.progress = progress
         log.info("resumed from %s: server step %d, clients %s", path, self.server_step,
                  {k: v["last_step"] for k, v in self.progress.items()})
         # steps a previous run applied after this checkpoint are gone with it: say so, so that the
         # metrics can be read exactly (a step in flight at a crash may be applied again here)
         self.metrics.write("resume", session=self.session_id, checkpoint=str(path), server_step=self.server_step,
                            clients={str(k): v["last_step"] for k, v in self.progress.items()})
+
+    def _resume_advice(self, damaged: Path) -> str:
+        """What to do about a damaged checkpoint: resume from the one before it (named, by hand: never
+        silently, as its clients' progress is older), or start without --resume."""
+        assert self.ckpt is not None
+        root = self.ckpt.root
+        earlier = sorted(p.name for p in root.glob("ckpt-*") if p.is_dir() and p.name < damaged.name)
+        fresh = "start without --resume (from the exported weights) and with another --checkpoint-dir"
+        if not earlier:
+            return f"no earlier checkpoint is kept in {root}; {fresh}"
+        latest = root / "LATEST"
+        return (f"to resume from the earlier checkpoint {earlier[-1]} (its client progress is older), write its name "
+                f"into {latest} (echo {earlier[-1]} > {latest}) and start with --resume again; or {fresh}")
+
+
+def _read_server_state(path: Path) -> tuple[int, str, int, dict[int, dict[str, Any]]]:
+    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it."""
+    state = read_json_object(path)
+    try:
+        server_step, model, cut, clients = state["server_step"], state["model"], state["cut"], state["clients"]
+        if not (isinstance(server_step, int) and server_step >= 0 and isinstance(model, str) and isinstance(cut, int)):
+            raise TypeError("server_step, model or cut of the wrong type")
+        progress = {}
+        for k, v in clients.items():
+            if not (isinstance(v, dict) and isinstance(v.get("last_step"), int)):
+                raise TypeError(f"client {k}: no last_step")
+            progress[int(k)] = dict(v)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptFile(path, f"is not a server state ({type(e).__name__}: {e})") from None
+    return server_step, model, cut, progress
 
 
 def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:

@@ -23,6 +23,57 @@ from ..export import split, zoo
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+class CorruptFile(ValueError):
+    """A file the server model reads (artifact weights, a checkpoint's files) is missing, unreadable
+    or does not hold what it should; the message names the file."""
+
+    def __init__(self, path: str | Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path = Path(path)
+        self.why = why
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file ``path``; :class:`CorruptFile` if it is missing or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CorruptFile(path, "missing") from None
+    except (SafetensorError, OSError) as e:
+        raise CorruptFile(path, f"not a readable safetensors file ({e})") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in file ``path``; :class:`CorruptFile` if it is missing, unreadable or not one."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise CorruptFile(path, "missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptFile(path, f"unreadable ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptFile(path, f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(path, "does not hold a JSON object")
+    return obj
+
+
+def _check_tensors(path: Path, got: dict[str, torch.Tensor], expect: dict[str, torch.Tensor], what: str) -> None:
+    """CorruptFile unless ``got`` has exactly the names and shapes of ``expect`` (one line, not torch's list)."""
+    missing = [k for k in expect if k not in got]
+    extra = [k for k in got if k not in expect]
+    shapes = [k for k in expect if k in got and tuple(got[k].shape) != tuple(expect[k].shape)]
+    if missing or extra or shapes:
+        parts = [f"{len(v)} {name} (e.g. {v[0]!r})" for name, v in
+                 (("missing", missing), ("unexpected", extra), ("of another shape", shapes)) if v]
+        raise CorruptFile(path, f"does not hold the weights of {what}: tensors {', '.join(parts)}")
+
+
 class StepRefused(ValueError):
     """A batch the server model did not train on; weights, optimizer state and BatchNorm
     statistics are as they were before it."""
@@ -73,15 +124,20 @@ class ServerModel:
         weight_decay: float = 0.0,
         device: str = "cpu",
     ) -> None:
-        from safetensors.torch import load_file
-
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         self.manifest = manifest
         self.device = check_device(device)
         full = zoo.build(manifest.model, manifest.num_classes, manifest.input_shape[0])
         _, server = split.split(manifest.model, full, manifest.cut)
-        state = load_file(str(Path(artifacts) / mf.SERVER_WEIGHTS))
+        self.what = f"{manifest.model} cut {manifest.cut} (server part)"
+        path = Path(artifacts) / mf.SERVER_WEIGHTS
+        try:
+            state = load_tensors(path)
+            _check_tensors(path, state, server.state_dict(), self.what)
+        except CorruptFile as e:
+            raise CorruptFile(e.path, f"{e.why}; the artifacts are damaged: export them again with export-client") \
+                from None
         server.load_state_dict(state, strict=True)
         self.model = server.to(self.device).train()
         params = list(self.model.parameters())
@@ -170,18 +226,43 @@ class ServerModel:
         (directory / "server_optimizer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
     def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(directory / "server_model.safetensors")), strict=True)
-        meta = json.loads((directory / "server_optimizer.json").read_text())
-        if meta["optimizer"] != self.optimizer_name:
+        """Model and optimizer state written by :meth:`save`. Every file is read and checked before
+        anything is replaced: a missing, corrupt or mismatched file raises :class:`CorruptFile` naming it
+        (the model and optimizer are then as they were); another optimizer raises ValueError."""
+        model_path = directory / "server_model.safetensors"
+        weights = load_tensors(model_path)
+        _check_tensors(model_path, weights, self.model.state_dict(), self.what)
+        meta_path = directory / "server_optimizer.json"
+        meta = read_json_object(meta_path)
+        try:
+            name, groups, scalars, steps = meta["optimizer"], meta["param_groups"], meta["scalars"], int(meta.get("steps", 0))
+            if not (isinstance(name, str) and isinstance(groups, list) and isinstance(scalars, dict)):
+                raise TypeError("wrong types")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFile(meta_path, f"is not an optimizer state ({type(e).__name__}: {e})") from None
+        if name != self.optimizer_name:
             raise ValueError(
-                f"checkpoint {directory} was trained with server optimizer {meta['optimizer']!r}, not {self.optimizer_name!r}"
+                f"checkpoint {directory} was trained with server optimizer {name!r}, not {self.optimizer_name!r}"
             )
-        tensors = load_file(str(directory / "server_optimizer.safetensors"))
+        opt_path = directory / "server_optimizer.safetensors"
+        tensors = load_tensors(opt_path)
+        params = list(self.model.parameters())
         state: dict[int, dict] = {}
-        for key, val in [*tensors.items(), *meta["scalars"].items()]:
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = val
-        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.steps = int(meta.get("steps", 0))
+        for key, val in [*tensors.items(), *scalars.items()]:
+            idx, _, field = key.partition(".")
+            if not (idx.isdigit() and int(idx) < len(params) and field):
+                raise CorruptFile(opt_path if key in tensors else meta_path,
+                                  f"{key!r} names no parameter of the server model")
+            if torch.is_tensor(val) and val.dim() and tuple(val.shape) != tuple(params[int(idx)].shape):
+                raise CorruptFile(opt_path, f"{key!r} has shape {tuple(val.shape)}, its parameter "
+                                            f"{tuple(params[int(idx)].shape)}")
+            state.setdefault(int(idx), {})[field] = val
+        saved_opt = self.opt.state_dict()
+        try:
+            self.opt.load_state_dict({"state": state, "param_groups": groups})
+        except (KeyError, TypeError, ValueError) as e:
+            self.opt.load_state_dict(saved_opt)
+            raise CorruptFile(meta_path, f"does not match the server model's optimizer ({type(e).__name__}: {e})") \
+                from None
+        self.model.load_state_dict(weights, strict=True)
+        self.steps = steps

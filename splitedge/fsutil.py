@@ -5,16 +5,22 @@ naming the newest complete one. A checkpoint is written into ``.tmp-ckpt-<tag>-<
 every file fsynced, the directory renamed into place, and only then is ``LATEST``
 replaced (itself written atomically). A crash at any point leaves the previous
 checkpoint intact and ``LATEST`` pointing at it; a full disk raises ``OSError`` with
-the temporary directory removed.
+the temporary directory removed. A second checkpoint with a tag already present is
+committed beside the first (``ckpt-<tag>-0001``), never over it; once ``LATEST`` names
+it, the first is deleted. Only after that commit are older checkpoints pruned, by tag:
+the newest ``keep`` tags stay.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+_CKPT_NAME = re.compile(r"^ckpt-(.+?)(?:-\d{4})?$")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -49,6 +55,55 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _why(e: OSError) -> str:
+    if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) of a path that is a file
+        return "it exists and is not a directory"
+    return e.strerror or str(e)
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Creates directory ``path`` (and its parents) if missing and writes and removes a probe file in
+    it; OSError naming the directory if that fails (checked by trying: permission bits say nothing to root)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the directory {str(path)!r}: {_why(e)}") from None
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in the directory {str(path)!r}: {_why(e)}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def check_writable_file(path: str | os.PathLike[str]) -> None:
+    """Makes sure file ``path`` can be written later (its directory is created if missing): opens it for
+    appending, which changes nothing in an existing file, and removes it again if it did not exist.
+    OSError naming the file otherwise."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the directory {str(path.parent)!r}: {_why(e)}") from None
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {_why(e)}") from None
+    if not existed:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 class CheckpointDir:
     """Versioned, crash-safe checkpoints in one directory (see the module docstring)."""
 
@@ -69,7 +124,7 @@ class CheckpointDir:
     def write(self, tag: str, writer) -> Path:
         """Calls ``writer(tmpdir)`` to fill a new checkpoint, then commits it atomically.
 
-        ``tag`` should sort like the training progress (e.g. ``f"{step:09d}"``).
+        ``tag`` should sort like the training progress (e.g. ``f"{step:09d}"``) and not end in ``-NNNN``.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         # never replace a checkpoint in place (a crash between removing it and renaming the new one
@@ -94,12 +149,28 @@ class CheckpointDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune(final)
+        self._prune(final, tag)
         return final
 
-    def _prune(self, newest: Path) -> None:
-        # tags are zero-padded step counts, so names sort in age order
-        ckpts = sorted(p for p in self.root.glob("ckpt-*") if p.is_dir())
-        for p in ckpts[: -self.keep]:
-            if p != newest:
+    @staticmethod
+    def _tag_of(name: str) -> str:
+        """The tag of checkpoint directory ``name``: ``ckpt-TAG`` or ``ckpt-TAG-NNNN`` (a later one of that tag)."""
+        m = _CKPT_NAME.match(name)
+        return m.group(1) if m else name
+
+    def _prune(self, newest: Path, tag: str) -> None:
+        """Runs once ``newest`` is committed and LATEST names it. Earlier checkpoints of the same tag
+        are superseded by it (e.g. the final checkpoint at shutdown, at the step of the last periodic
+        one): they are deleted, so that they take no --keep slot. Then the newest ``keep`` tags are
+        kept, older ones deleted. Nothing deleted here is what LATEST names."""
+        ckpts = [p for p in self.root.glob("ckpt-*") if p.is_dir() and p != newest]
+        for p in ckpts:
+            if self._tag_of(p.name) == tag:
+                shutil.rmtree(p, ignore_errors=True)
+        # tags are zero-padded step counts, so they sort in age order
+        tags = sorted({self._tag_of(p.name) for p in ckpts} | {tag})
+        old = set(tags[: -self.keep])
+        old.discard(tag)
+        for p in ckpts:
+            if self._tag_of(p.name) in old:
                 shutil.rmtree(p, ignore_errors=True)

@@ -8,7 +8,10 @@ frame) and TCP/IP headers are not included.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +35,92 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def endpoint_option(ctx: Any, param: Any, value: str) -> str:
-    """click callback: a bad endpoint is a bad parameter (exit code 2)."""
+def _ipc_path(endpoint: str) -> str | None:
+    """The file path of an ipc:// endpoint; None for other transports, ZeroMQ's ``ipc://*`` (a fresh
+    name it picks) and Linux's abstract names (``ipc://@NAME``, no file)."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://"):]
+    if path == "*" or path.startswith("@"):
+        return None
+    return path
+
+
+def _socket_in_use(path: str) -> bool:
+    """True if a process accepts connections on the Unix socket ``path`` (a live server, not a stale file)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+    except OSError:  # ECONNREFUSED: nobody listens (stale); anything else: not usable either way
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def check_bind_endpoint(endpoint: str) -> str:
+    """``endpoint`` if a server may bind it, else ValueError saying why.
+
+    Beyond :func:`check_endpoint`: binding ``ipc://PATH`` makes ZeroMQ delete whatever is at PATH
+    and put its socket there, so PATH must not exist, or be a stale socket (one nobody listens on,
+    e.g. left by a server that stopped); its directory must exist.
+    """
+    check_endpoint(endpoint)
+    path = _ipc_path(endpoint)
+    if path is None:
+        return endpoint
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ValueError(f"{endpoint!r}: the directory {parent!r} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return endpoint
+    except OSError as e:
+        raise ValueError(f"{endpoint!r}: cannot inspect {path!r}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode) \
+            else "a file"
+        raise ValueError(f"{endpoint!r}: {path!r} exists and is {kind}, not a socket (binding there would delete "
+                         "it): choose a path that does not exist; ipc:// creates its socket file itself")
+    if _socket_in_use(path):
+        raise ValueError(f"{endpoint!r}: another process is listening on {path!r} (address already in use)")
+    return endpoint
+
+
+def check_connect_endpoint(endpoint: str) -> str:
+    """``endpoint`` if a client may connect to it, else ValueError. An ipc:// path need not exist yet
+    (the server may start later), but one that exists and is not a socket can never be served."""
+    check_endpoint(endpoint)
+    path = _ipc_path(endpoint)
+    if path is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return endpoint
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ValueError(f"{endpoint!r}: {path!r} exists and is not a socket: no server can listen there")
+    return endpoint
+
+
+def _option(check: Any, value: str) -> str:
     import click
 
     try:
-        return check_endpoint(value)
+        return check(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def endpoint_option(ctx: Any, param: Any, value: str) -> str:
+    """click callback of an endpoint to connect to: a bad endpoint is a bad parameter (exit code 2)."""
+    return _option(check_connect_endpoint, value)
+
+
+def bind_endpoint_option(ctx: Any, param: Any, value: str) -> str:
+    """click callback of an endpoint to bind (see :func:`check_bind_endpoint`): exit code 2."""
+    return _option(check_bind_endpoint, value)
 
 
 def frame_len(f: Any) -> int:
@@ -152,6 +233,11 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     sock.setsockopt(zmq.SNDHWM, 1000)
     sock.setsockopt(zmq.RCVHWM, 1000)
+    try:
+        check_bind_endpoint(bind)  # never let ZeroMQ delete a file (or another server's socket) at an ipc:// path
+    except ValueError as e:
+        sock.close(linger=0)
+        raise OSError(f"cannot bind: {e}") from None
     try:
         sock.bind(bind)
     except zmq.ZMQError as e:
