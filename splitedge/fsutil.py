@@ -121,6 +121,12 @@ class CheckpointDir:
             raise OSError(f"{self.root}/LATEST names {name!r}, which is not a checkpoint directory")
         return path
 
+    def for_tag(self, tag: str) -> Path | None:
+        """The checkpoint of ``tag`` (e.g. ``f"{step:09d}"``): ``ckpt-TAG``, or the later ``ckpt-TAG-NNNN``
+        that superseded it; None if there is none."""
+        found = sorted(p for p in self.root.glob(f"ckpt-{tag}*") if p.is_dir() and self._tag_of(p.name) == tag)
+        return found[-1] if found else None
+
     def write(self, tag: str, writer) -> Path:
         """Calls ``writer(tmpdir)`` to fill a new checkpoint, then commits it atomically.
 

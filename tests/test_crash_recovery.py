@@ -365,3 +365,17 @@ def test_a_full_disk_at_edge_checkpoint_time_is_reported_and_training_goes_on(ar
     progress = json.loads((kept / "edge_progress.json").read_text())
     assert 2 <= progress["step"] < 12 and progress["step"] % 2 == 0
     assert EdgeModel(art, checkpoint=kept / "edge_checkpoint").get_parameters()
+
+
+def test_checkpoint_of_a_step_is_the_one_that_superseded_it(tmp_path):
+    from splitedge.fsutil import CheckpointDir
+
+    cd = CheckpointDir(tmp_path / "ck", keep=5)
+    write = lambda text: (lambda d: (d / "f").write_text(text))  # noqa: E731
+    first = cd.write("000000005", write("periodic"))
+    assert cd.for_tag("000000005") == first and cd.for_tag("000000006") is None
+    final = cd.write("000000005", write("final"))  # the shutdown checkpoint at the same step
+    assert final.name == "ckpt-000000005-0001" and not first.exists()
+    assert cd.for_tag("000000005") == final == cd.latest() and (final / "f").read_text() == "final"
+    cd.write("000000010", write("later"))
+    assert cd.for_tag("000000005") == final, "an older step's checkpoint is still found by its tag"

@@ -122,6 +122,7 @@ def test_split_training_equals_one_pytorch_process(exported, tmp_path):
 
     from splitedge.export import manifest as mf
     from splitedge.export import zoo
+    from splitedge.fsutil import CheckpointDir
     from splitedge.runtime_edge.ort_backend import EdgeModel
 
     lr, steps, batch = 0.05, 5, 16
@@ -147,8 +148,10 @@ def test_split_training_equals_one_pytorch_process(exported, tmp_path):
             edge = EdgeModel(art).get_parameters()
             cloud = lf(str(art / "server" / "model.safetensors"))
         else:
-            edge = EdgeModel(art, checkpoint=tmp_path / "edge-ckpt" / f"ckpt-{k:09d}" / "edge_checkpoint").get_parameters()
-            cloud = load_file(str(tmp_path / "cloud-ckpt" / f"ckpt-{k:09d}" / "server_model.safetensors"))
+            # the checkpoint of step k (the final one at shutdown supersedes the periodic one of its step)
+            edge_ck, cloud_ck = (CheckpointDir(tmp_path / d).for_tag(f"{k:09d}") for d in ("edge-ckpt", "cloud-ckpt"))
+            edge = EdgeModel(art, checkpoint=edge_ck / "edge_checkpoint").get_parameters()
+            cloud = load_file(str(cloud_ck / "server_model.safetensors"))
         return {**{n: torch.from_numpy(v) for n, v in edge.items()}, **cloud}
 
     ds = D.load(SYNTH, split="train")
