@@ -37,7 +37,7 @@ from .. import codecs as sc
 from .. import protocol as P
 from .. import security
 from ..export import manifest as mf
-from ..fsutil import CheckpointDir, atomic_write_json
+from ..fsutil import CheckpointDir, atomic_write_json, probe_write
 from ..shaping import Link
 from ..transport import client_socket
 from . import data as D
@@ -509,12 +509,12 @@ class EdgeClient:
     def _encode(self, act: np.ndarray, diverged: str, **kw: Any) -> bytes:
         """The activation, encoded; a diverged run (NaN/Inf, or values too large for the codec) stops with
         EdgeError saying so (``diverged`` begins the message): its weights are lost."""
-        if not np.isfinite(act).all():
-            problem = "the activations contain NaN/Inf"
-        else:
-            try:
-                return self.fwd_codec.encode(act, **kw)
-            except ValueError as e:  # finite, but e.g. too large for SGQ's float32 distances
+        try:
+            return self.fwd_codec.encode(act, **kw)
+        except ValueError as e:  # every codec refuses NaN/Inf; a finite one may be too large (SGQ's distances)
+            if not np.isfinite(act).all():  # looked at only now: no extra pass over each step's activation
+                problem = "the activations contain NaN/Inf"
+            else:
                 problem = (f"the activations cannot be encoded ({self.settings['codec']['name']}: {e}; largest "
                            f"|value| {float(np.abs(act).max()):.3g})")
         self._bye("diverged")
@@ -591,9 +591,7 @@ def _check_writable_dir(d: Path, what: str) -> None:
         if not target.is_dir():
             raise OSError(errno.ENOTDIR, f"{target} is not a directory")
         if target == d.absolute():
-            fd, probe = tempfile.mkstemp(dir=target, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(probe)
+            probe_write(target)
         else:
             os.rmdir(tempfile.mkdtemp(dir=target, prefix=".write-test-"))
     except OSError as e:

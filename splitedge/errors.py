@@ -36,6 +36,8 @@ def check_writable_file(path, option: str) -> None:
     import os
     from pathlib import Path
 
+    from .fsutil import probe_write
+
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{option} {path}: is a directory, expected a file name")
@@ -44,12 +46,8 @@ def check_writable_file(path, option: str) -> None:
         raise UserError(f"{option} {path}: the directory {parent} does not exist")
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{option} {path}: not writable")
-    import tempfile
-
-    try:  # access() says yes to root everywhere, and nothing about /proc or a read-only mount: try it
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".splitedge-probe-")
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        probe_write(parent)
     except OSError as e:
         raise UserError(f"{option} {path}: cannot create files in {parent} ({e.strerror})") from None
 

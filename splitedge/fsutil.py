@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+def probe_write(directory: str | os.PathLike[str]) -> None:
+    """Creates and removes a file in the existing ``directory``; OSError if that fails. Trying is the only
+    reliable test: permission bits say yes to root, and nothing about /proc or read-only mounts."""
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_writable_dir(path: str | os.PathLike[str]) -> None:
     """Creates directory ``path`` (and its parents) if missing and writes and removes a probe file in
     it; OSError naming the directory if that fails (checked by trying: permission bits say nothing to root)."""
@@ -69,17 +78,10 @@ def check_writable_dir(path: str | os.PathLike[str]) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, f"cannot create the directory {str(path)!r}: {_why(e)}") from None
-    probe = path / f".write-test-{os.getpid()}"
     try:
-        with open(probe, "wb") as f:
-            f.write(b"ok")
+        probe_write(path)
     except OSError as e:
         raise OSError(e.errno, f"cannot write in the directory {str(path)!r}: {_why(e)}") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
 
 
 def check_writable_file(path: str | os.PathLike[str]) -> None:

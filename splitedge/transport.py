@@ -222,6 +222,10 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
                   curve: Any = None) -> Endpoint:
     """A ROUTER bound to ``bind``; with ``curve`` (:class:`splitedge.security.CurveServer`) a CURVE
     server whose peers the caller's ZAP handler must authenticate."""
+    try:
+        check_bind_endpoint(bind)  # never let ZeroMQ delete a file (or another server's socket) at an ipc:// path
+    except ValueError as e:
+        raise OSError(f"cannot bind: {e}") from None
     sock = ctx.socket(zmq.ROUTER)
     if curve is not None:
         from .security import apply_server
@@ -233,11 +237,6 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     sock.setsockopt(zmq.SNDHWM, 1000)
     sock.setsockopt(zmq.RCVHWM, 1000)
-    try:
-        check_bind_endpoint(bind)  # never let ZeroMQ delete a file (or another server's socket) at an ipc:// path
-    except ValueError as e:
-        sock.close(linger=0)
-        raise OSError(f"cannot bind: {e}") from None
     try:
         sock.bind(bind)
     except zmq.ZMQError as e:
