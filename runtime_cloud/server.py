@@ -387,6 +387,14 @@ class CloudServer:
                 "--client-id", P.ErrorCode.CLIENT_ID_TAKEN)
         self._check_partition(cid, h.get("partition"))
         old = self.by_client.get(cid)
+        applied = int(self.progress.get(cid, {}).get("last_step", old.last_step if old else 0))
+        if h.get("fresh") is True and applied > 0:
+            # refused before any session state changes: the earlier run with this id can still --resume
+            raise P.ProtocolError(
+                f"this cloud has already applied {applied} steps from --client-id {cid} (an earlier run with this id); "
+                "a run without --resume would start from the initial weights and skip them. Continue that run with "
+                "--resume and its --checkpoint-dir, give this run another --client-id, or start a fresh cloud-serve",
+                P.ErrorCode.CLIENT_ID_TAKEN)
         if old is None or not old.active:
             active = sum(1 for x in self.by_client.values() if x.active)
             if active >= self.cfg.max_clients:
@@ -397,8 +405,7 @@ class CloudServer:
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
         grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
         s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]), key=key)
-        prev = self.progress.get(cid, {})
-        s.last_step = int(prev.get("last_step", old.last_step if old else 0))
+        s.last_step = applied
         s.bytes_in = msg.nbytes
         self.sessions[identity] = s
         self.by_client[cid] = s

@@ -293,6 +293,8 @@ class EdgeClient:
             "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
             "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
             "planned_steps": self.planned_steps, "partition": self.partition_info,
+            # the cloud refuses a fresh run whose client id already has steps, before touching that id's state
+            "fresh": not self._welcomed and not self.cfg.resume,
         }
         deadline = time.monotonic() + self.cfg.give_up_s
         wait = 1.0
@@ -323,6 +325,7 @@ class EdgeClient:
         if first and not self.cfg.resume and h["last_step"] > 0:
             # the skip below is for a run that continues (--resume after a crash, a HELLO again after the
             # cloud restarted): a fresh run would skip batches it never trained and count the steps as its own.
+            # This cloud refuses such a HELLO itself (``fresh``); this check covers a cloud that predates it.
             # Exit code 1, like the cloud's client_id_taken: a conflict with the cloud's state, found only once
             # connected; the same arguments are fine against another cloud
             raise EdgeError(

@@ -23,7 +23,9 @@ type         id    direction    header                                          
 HELLO        1     edge->cloud  client_id, num_clients, model, cut, activation_shape,      0
                                 input_shape, num_classes, samples, resume_step, planned_steps,
                                 [partition {plan, digest, numpy}: see runtime_edge.data.
-                                partition_fingerprint; edges with one plan must agree]
+                                partition_fingerprint; edges with one plan must agree],
+                                [fresh: true for a run's first HELLO without --resume:
+                                refused (client_id_taken) if the id already has steps]
 WELCOME      2     cloud->edge  session, codec {name, params}, grad_codec {name, params},  0
                                 fedavg_every, last_step (steps already applied for
                                 this client id), server_step
@@ -49,6 +51,9 @@ of its reply, an older step gets ``ERROR stale_step`` with ``expected_step``, so
 retried step is never applied twice. Client ids (``client_id``) are stable across
 reconnects and restarts; ZeroMQ identities are not. With CurveZMQ on, the cloud binds a
 client id to the first key that says HELLO as it (``ERROR client_id_taken`` for any other).
+A ``fresh`` HELLO for a client id that already has steps applied is refused the same way
+(the new run would skip those batches and count them as its own) and leaves the cloud's
+state untouched.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _steps(tmp_path: Path, client: int) -> list[int]:
 def test_a_fresh_run_with_a_client_id_the_cloud_has_steps_from_is_refused(art, cloud, tmp_path):
     """Run 1 trains 3 steps as client 0. A fresh run 2 with the same id would have skipped those 3
     batches, trained from the initial weights and counted the cloud's steps as its own: refused (exit
-    1, like the cloud's client_id_taken: a conflict with the cloud's state), nothing sent. --resume
+    1: the cloud's client_id_taken, a conflict with its state), nothing sent. --resume
     with run 1's checkpoints continues it (steps 4, 5); a --resume with an empty checkpoint directory
     (an edge that crashed before its first checkpoint) still skips."""
     port = cloud("--codec", "uq", "--bits", "4")
@@ -103,6 +103,11 @@ def test_a_fresh_run_with_a_client_id_the_cloud_has_steps_from_is_refused(art, c
     assert "skipping" not in again.stderr
     assert not (tmp_path / "2.json").exists(), "no summary: nothing was trained"
     assert _steps(tmp_path, 0) == [1, 2, 3], "the refused run sent no step"
+    # the cloud refused the HELLO itself: run 1's finished session was not reopened (it would have
+    # held FedAvg rounds and --exit-when-done for --client-timeout)
+    events = [e["event"] for e in launch.read_jsonl(tmp_path / "metrics.jsonl") if e.get("client") == 0]
+    assert "client_done" in events and "client_joined" not in events[events.index("client_done"):], events
+    assert "client_id_taken" in again.stderr
 
     # another id of the same cloud is free
     other = _edge(art, "--steps", "2", "--client-id", "1", "--num-clients", "2", port=port)
@@ -158,7 +163,7 @@ def test_a_diverging_run_stops_with_a_message_not_a_traceback(art, cloud, tmp_pa
     assert f"the last checkpoint saved is {ck / 'ckpt-000000001'}" in last
     assert not (tmp_path / "s.json").exists()
     assert _steps(tmp_path, 0) == [1], "nothing non-finite reached the cloud"
-    events = launch.read_jsonl(tmp_path / "metrics.jsonl")
+    events = launch.read_jsonl(tmp_path / "metrics.jsonl"); import shutil; shutil.copy(tmp_path / "metrics.jsonl", "/tmp/m.jsonl")
     assert [e["reason"] for e in events if e["event"] == "client_done"] == ["diverged"], "the edge said BYE"
 
 
