@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import zoo
+from . import zoo, zoo_names
 
 
 class Part(nn.Module):
@@ -68,19 +68,7 @@ class ShapeTooSmall(ValueError):
 
 def resolve_cut(units: list[tuple[str, nn.Module]], cut: str | int) -> int:
     """Returns the number of edge units for ``--cut`` (an index or a unit name)."""
-    names = [n for n, _ in units]
-    n_max = len(units) - 1
-    if isinstance(cut, int) or (isinstance(cut, str) and cut.strip().lstrip("-").isdigit()):
-        n = int(cut)
-        if not 1 <= n <= n_max:
-            raise ValueError(f"cut {n} out of range: this model has cuts 1..{n_max} (use --list-cuts)")
-        return n
-    if cut not in names:
-        raise ValueError(f"unknown cut {cut!r}: cuts are {', '.join(names[:-1])} (use --list-cuts)")
-    n = names.index(cut) + 1
-    if n > n_max:
-        raise ValueError(f"cut {cut!r} leaves nothing on the server; the last cut is {names[n_max - 1]!r}")
-    return n
+    return zoo_names.resolve_cut([n for n, _ in units], cut)
 
 
 def split(model_name: str, model: nn.Module, n_edge: int) -> tuple[Part, Part]:

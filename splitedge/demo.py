@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import FiniteFloat, UserError
+from .export.zoo_names import MODEL_NAMES, check_cut
 from .runtime_edge.cli import Partition
 
 MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
@@ -35,7 +36,7 @@ def _fmt_bytes(n: float) -> str:
               help="Where artifacts, logs, metrics and summaries go (replaced on every run; a non-empty directory "
                    "that an earlier demo did not write is refused).")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Data set (see edge-train --data).")
-@click.option("--model", default="resnet18", show_default=True, help="Zoo model.")
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="resnet18", show_default=True, help="Zoo model.")
 @click.option("--cut", default="3", show_default=True, help="Cut (index or unit name).")
 @click.option("--clients", type=click.IntRange(min=1), default=2, show_default=True, help="Edge processes.")
 @click.option("--partition", type=Partition(), default="iid", show_default=True, help="iid or dirichlet:ALPHA.")
@@ -63,6 +64,10 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
     from . import codecs as sc
     from .runtime_edge import data as D
 
+    try:  # before the workdir is replaced: a typo must not cost the last demo's results
+        check_cut(model, cut)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cut") from None
     try:
         takes_bits = "bits" in sc.get(codec).params
     except ValueError as e:

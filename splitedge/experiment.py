@@ -419,6 +419,13 @@ def _run_settings(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict
             out[k] = _int(w, v, 1)
             if out[k] > 8:
                 raise ConfigError(f"{w}: must be <= 8, got {out[k]}")
+    if "model" in raw or "cut" in raw:  # a cut is checked against the model it ends up with
+        from .export.zoo_names import check_cut
+
+        try:
+            check_cut(out["model"], out["cut"])
+        except ValueError as e:
+            raise ConfigError(f"{where} cut (model {out['model']}): {e}") from None
     return out
 
 

@@ -137,6 +137,9 @@ def test_nan_and_absurd_thread_counts_exit_2(argv):
     (["splitedge", "keys", "generate", "/proc/splitedge-keys"], "cannot create the key directory /proc/splitedge-keys"),
     (["splitedge", "demo", "--partition", "foo"], "unknown partition scheme 'foo'"),
     (["splitedge", "demo", "--steps", "2", "--epochs", "2"], "give --epochs or --steps, not both"),
+    (["splitedge", "demo", "--cut", "99"], "cut 99 out of range: this model has cuts 1..9"),
+    (["splitedge", "demo", "--model", "vgg11", "--cut", "layer1"], "unknown cut 'layer1'"),
+    (["splitedge", "demo", "--model", "resnet"], "'resnet' is not one of"),
     (["splitedge", "profiles", "show", "/tmp"], "is a directory, not a profile file"),
 ])
 def test_bad_paths_and_conflicting_options_exit_2_before_any_work(argv, message):

@@ -49,3 +49,16 @@ def test_demo_never_replaces_a_directory_it_did_not_write(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "was not written by splitedge demo" in res.stderr
     assert (wd / "thesis.tex").read_text() == "years of work\n" and sorted(p.name for p in wd.iterdir()) == ["thesis.tex"]
+
+
+def test_a_bad_cut_leaves_the_last_demo_in_place(tmp_path):
+    """--cut is checked (without torch) before the workdir is replaced: a typo must not cost the
+    previous demo's results."""
+    wd = tmp_path / "demo"
+    wd.mkdir()
+    (wd / ".splitedge-demo").write_text("an earlier demo\n")
+    (wd / "demo-summary.json").write_text("{}\n")
+    res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(wd), "--cut", "layer9"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown cut 'layer9'" in res.stderr, res.stderr
+    assert (wd / "demo-summary.json").read_text() == "{}\n"

@@ -96,6 +96,20 @@ def test_cut_by_name_and_by_index_agree():
             split.resolve_cut(units, bad)
 
 
+@pytest.mark.parametrize("name", zoo_names.MODEL_NAMES)
+def test_torch_free_cut_table_matches_the_models(name):
+    """zoo_names.CUT_UNITS lets experiment configs and the demo check a --cut without torch; it must
+    name exactly the units zoo.cut_units finds in the built model (for 1 and 3 input channels)."""
+    for channels in (1, 3):
+        units = [n for n, _ in zoo.cut_units(name, zoo.build(name, 10, channels))]
+        assert list(zoo_names.CUT_UNITS[name]) == units
+    assert zoo_names.check_cut(name, units[0]) == 1
+    assert zoo_names.check_cut(name, len(units) - 1) == len(units) - 1
+    for bad in (0, len(units), units[-1], "nope"):
+        with pytest.raises(ValueError, match="cut"):
+            zoo_names.check_cut(name, bad)
+
+
 def test_load_weights_adapts_stem_and_head(tmp_path):
     from safetensors.torch import save_file
 
