@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
+from pathlib import Path
 
 from helpers import bin_path
 
@@ -34,3 +37,15 @@ def test_bench_step_prints_and_writes_json(tmp_path):
 def test_bench_step_rejects_bad_shapes():
     res = subprocess.run([bin_path("splitedge"), "bench", "step", "--shapes", "28x28"], capture_output=True, text=True)
     assert res.returncode == 2 and "CxHxW" in res.stderr
+
+
+def test_sgq_floor_script_runs_and_onnxruntime_assigns_like_numpy():
+    """scripts/bench_sgq_floor.py backs docs/codecs.md's account of SGQ's encode time; it exits
+    non-zero if ONNX Runtime's assignment disagrees with kmeans.nearest's labels."""
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_sgq_floor.py"), "--repeat", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rate = re.search(r"23\.6 MFLOP at ([0-9.]+) GFLOP/s", res.stdout)
+    assert rate and float(rate.group(1)) > 0, res.stdout
+    assert res.stdout.count("labels agree on") == 2 and "sgq encode, whole" in res.stdout
