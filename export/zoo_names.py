@@ -16,16 +16,16 @@ CUT_UNITS: dict[str, tuple[str, ...]] = {
 }
 
 
-def resolve_cut(names: list[str] | tuple[str, ...], cut: str | int) -> int:
+def resolve_cut(names: list[str] | tuple[str, ...], cut: str | int, hint: str = "use --list-cuts") -> int:
     """The number of edge units for ``--cut`` (an index or a unit name) among the unit ``names``."""
     n_max = len(names) - 1
     if isinstance(cut, int) or (isinstance(cut, str) and cut.strip().lstrip("-").isdigit()):
         n = int(cut)
         if not 1 <= n <= n_max:
-            raise ValueError(f"cut {n} out of range: this model has cuts 1..{n_max} (use --list-cuts)")
+            raise ValueError(f"cut {n} out of range: this model has cuts 1..{n_max} ({hint})")
         return n
     if cut not in names:
-        raise ValueError(f"unknown cut {cut!r}: cuts are {', '.join(names[:-1])} (use --list-cuts)")
+        raise ValueError(f"unknown cut {cut!r}: cuts are {', '.join(names[:-1])} ({hint})")
     n = list(names).index(cut) + 1
     if n > n_max:
         raise ValueError(f"cut {cut!r} leaves nothing on the server; the last cut is {names[n_max - 1]!r}")
@@ -36,4 +36,4 @@ def check_cut(model: str, cut: str | int) -> int:
     """resolve_cut for a zoo model by name; ValueError for an unknown model or cut."""
     if model not in CUT_UNITS:
         raise ValueError(f"unknown model {model!r}; available: {', '.join(MODEL_NAMES)}")
-    return resolve_cut(CUT_UNITS[model], cut)
+    return resolve_cut(CUT_UNITS[model], cut, f"`export-client --model {model} --list-cuts` lists them")
