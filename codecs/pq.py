@@ -48,7 +48,7 @@ class PQ(Codec):
         "groups": Param(10, int, 1, 65535, doc="G successive channel subsets (fewer if C < G)"),
         "sample": Param(512, int, 16, 1 << 26, doc="stripes sampled for the K-means fit"),
         "iters": Param(4, int, 1, 1000, doc="Lloyd iterations"),
-        "warm_start": Param(True, bool, doc="seed K-means with the previous encode's centroids"),
+        "warm_start": Param(True, bool, doc="seed K-means with the previous training encode's centroids"),
         "seed": seed_param(),
     }
 

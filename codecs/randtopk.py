@@ -3,7 +3,8 @@
 Per sample (row of d = C*H*W features):
 
     k   = max(1, round(rate * d))                 (round half up; k <= d)
-    T   = the k indices of largest |x|             (np.argpartition; ties by position)
+    T   = the k indices of largest |x|             (np.argpartition: ties at the k-th value are broken
+                                                    in its deterministic but unspecified order)
     p_i = (1 - alpha) / k     for i in T
     p_i = alpha / (d - k)     otherwise
     draw k distinct indices with probabilities p (sampling without replacement, drawn

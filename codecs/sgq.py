@@ -14,7 +14,7 @@ the N*S stripes (all of them when N*S <= sample) by ``iters`` Lloyd iterations
 (numpy, matmul distances; kmeans.py), then every stripe is assigned (Eq. 3).  The
 paper subsamples by average pooling; uniform sampling is used instead because pooled
 stripes are blurred averages that pull the centroids towards the mean.  Seeds: random
-distinct sample stripes, or (``warm_start``) the previous encode's centroids for the
+distinct sample stripes, or (``warm_start``) the previous training encode's centroids for the
 groups whose channel set did not change -- consecutive batches of one stream are
 alike, so fewer iterations give the same quality (defaults: 512 stripes, 4 iterations,
 chosen to keep the 4-bit encode of a 32x64x16x16 activation near 2.5 ms on the 2-core
@@ -107,6 +107,7 @@ from . import format as fmt
 from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
 
 _ASSIGN_BLOCK = 1 << 18  # distance-array elements per assignment block (1 MiB)
+_EVAL_STREAM = 0x65766131  # with the seed, the generator of evaluation encodes (fit_groups)
 
 
 # ====================================================================== stripe VQ engine
@@ -189,15 +190,20 @@ def stripe_vq(
 
 
 def fit_groups(codec, x3, idx, wpad, sizes, bits, warm, means, training):
-    """stripe_vq with the codec's generator and settings, the overflow check, and the warm-start
-    state kept for the next encode (training batches only). Returns (U, labels, flat codebooks)."""
+    """stripe_vq with the codec's settings, the overflow check, and the warm-start state kept for
+    the next encode. Returns (U, labels, flat codebooks).
+
+    Training batches draw from the codec's generator and keep their centroids; an evaluation batch
+    (``training=False``) changes no state: it draws from a generator made afresh from the seed (the
+    same draws for every evaluation call) and only reads the warm start."""
+    rng = codec._rng if training else np.random.default_rng([codec._p["seed"], _EVAL_STREAM])
     with np.errstate(over="raise"):
         try:
-            U, labels = stripe_vq(x3, idx, wpad, bits, codec._rng, codec._p["iters"], codec._p["sample"], warm, means)
+            U, labels = stripe_vq(x3, idx, wpad, bits, rng, codec._p["iters"], codec._p["sample"], warm, means)
         except FloatingPointError:
             raise ValueError("input values too large: squared distances overflow float32") from None
     check_codebooks(U)
-    if training or codec._warm is None:
+    if training:
         codec._warm = (idx, U)
     books = np.concatenate([U[i, :, : int(sz)].reshape(-1) for i, sz in enumerate(sizes)])
     return U, labels, books
@@ -415,7 +421,7 @@ class SGQ(Codec):
         "cag_steps": Param(5, int, 0, 10000, doc="SGD steps per observed gradient"),
         "sample": Param(512, int, 16, 1 << 26, doc="stripes sampled for the K-means fit"),
         "iters": Param(4, int, 1, 1000, doc="Lloyd iterations"),
-        "warm_start": Param(True, bool, doc="seed K-means with the previous encode's centroids"),
+        "warm_start": Param(True, bool, doc="seed K-means with the previous training encode's centroids"),
         "seed": seed_param(),
     }
     flag_cag = 1

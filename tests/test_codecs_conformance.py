@@ -118,6 +118,21 @@ def test_evaluation_mode_and_rounds(name):
         assert y.shape == x.shape
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_evaluation_encodes_change_no_state(name):
+    """training=False (the edge's evaluation batches, between training steps) reads the codec's
+    state and changes none of it: random draws, warm starts, histories, counters."""
+    xs = [relu_act((4, 8, 5, 5), s) for s in range(4)]
+    a, b, c = codecs.get(name), codecs.get(name), codecs.get(name)
+    ev = c.encode(xs[1], training=False)  # before any training encode
+    assert c.encode(xs[1], training=False) == ev, "an evaluation encode depends on its input and the state only"
+    assert a.encode(xs[0]) == b.encode(xs[0]) == c.encode(xs[0])
+    first = a.encode(xs[1], training=False)  # a only: evaluation batches in between
+    assert a.encode(xs[1], training=False) == first
+    for x in xs[2:]:
+        assert a.encode(x) == b.encode(x) == c.encode(x), "training goes on as if no evaluation had happened"
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("name", NAMES)
 def test_non_finite_input_is_refused(name, bad):

@@ -475,3 +475,23 @@ def test_slacc_entropy_without_numpy_vecdot(monkeypatch):
     monkeypatch.setattr(slacc, "_vecdot", None)
     np.testing.assert_allclose(slacc.channel_entropy(x), with_vecdot, rtol=0, atol=1e-7)
     np.testing.assert_allclose(with_vecdot, [entropy_by_definition(x[:, c]) for c in range(8)], rtol=0, atol=2e-6)
+
+
+def test_fp16_matches_numpys_cast_and_saturates_instead_of_overflowing():
+    """fp16 is IEEE half with round-to-nearest-even, subnormals included (|x| <= 2^-25 -> 0,
+    2^-25 < |x| < 2^-24 -> 2^-24), except that values beyond the half range saturate at +-65504."""
+    tiny = np.float32(2.0**-25)
+    x = np.array([0.9 * tiny, tiny, 1.5 * tiny, 3 * tiny, -1.5 * tiny, 65504, 65520, 1e30, -1e30, 1.0009765625,
+                  np.float32(1 + 2.0**-11), 0.0, -0.0], np.float32)
+    y = codecs.decode(codecs.get("fp16").encode(x.reshape(1, -1))).ravel()
+    finite = np.abs(x) < 65504
+    expected = x[finite].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(y[finite], expected)
+    np.testing.assert_array_equal(np.signbit(y[finite]), np.signbit(expected))
+    assert y[2] == 2.0**-24 and y[0] == 0 and y[1] == 0 and y[4] == -(2.0**-24)
+    np.testing.assert_array_equal(y[~finite], np.sign(x[~finite]) * 65504)
+    rng = np.random.default_rng(0)
+    r = (rng.standard_normal(200_000) * np.exp2(rng.integers(-30, 15, 200_000))).astype(np.float32)
+    r = r[np.abs(r) < 65504]
+    np.testing.assert_array_equal(codecs.decode(codecs.get("fp16").encode(r.reshape(1, -1))).ravel(),
+                                  r.astype(np.float16).astype(np.float32))
