@@ -39,9 +39,9 @@ Interpretations (where the paper is silent or ambiguous):
   (else an internal counter of training encodes, starting at 0) and T = ``total_rounds``
   (from the call, else the ``total_rounds`` parameter).  With no T known a_t = 1
   (instantaneous entropy only).  ``schedule="constant"`` uses a_t = ``alpha``.
-* Eq. 4 is solved by Lloyd's algorithm in 1-D from quantile seeds (deterministic);
-  empty groups are dropped, so a payload may carry fewer than ``groups`` groups;
-  groups are numbered by increasing mean entropy.
+* Eq. 4 is solved exactly (the optimal 1-D partition is contiguous in sorted order: a
+  dynamic programme, :func:`kmeans_1d`); equal entropies share a group, so a payload carries
+  min(``groups``, distinct values) groups; groups are numbered by increasing mean entropy.
 * ``bits`` (what every quantizing codec takes) is a shorthand for the ceiling: it sets
   ``max_bits = bits`` and lowers ``min_bits`` to ``bits`` if needed.  Default 2..8 as in
   the paper's experiments.  ``groups`` defaults to 4 (not stated in the paper).
@@ -144,31 +144,90 @@ def channel_entropy(x3: np.ndarray, mn: np.ndarray | None = None, mx: np.ndarray
     return np.log(S) - T / S
 
 
-def kmeans_1d(values: np.ndarray, groups: int, max_iter: int = 100) -> np.ndarray:
-    """Eq. 4 on scalars: group index per value (0..G'-1, ordered by increasing group mean)."""
-    v = np.asarray(values, np.float64)
-    c = v.size
-    vs = np.sort(v)
-    distinct = 1 + int(np.count_nonzero(vs[1:] != vs[:-1]))
-    g = max(1, min(int(groups), distinct))
-    cent = vs[np.minimum(c - 1, ((np.arange(g) + 0.5) * c / g).astype(np.int64))]
-    cent = cent[np.concatenate(([True], cent[1:] != cent[:-1]))]  # sorted: drop repeats
-    lab = np.argmin(np.abs(v[:, None] - cent[None, :]), axis=1)
-    for _ in range(max_iter):
-        cnt = np.bincount(lab, minlength=cent.size)
-        sums = np.bincount(lab, weights=v, minlength=cent.size)
-        keep = cnt > 0
-        cent = sums[keep] / cnt[keep]
-        new = np.argmin(np.abs(v[:, None] - cent[None, :]), axis=1)
-        if np.array_equal(new, lab) and keep.all():
-            break
-        lab = new
-    # renumber by increasing centroid, dropping empty groups
-    used = np.flatnonzero(np.bincount(lab, minlength=cent.size))
-    order = used[np.argsort(cent[used], kind="stable")]
-    remap = np.empty(cent.size, np.int64)
-    remap[order] = np.arange(order.size)
-    return remap[lab]
+_DP_DENSE = 256  # up to this many boundaries, Eq. 4's programme fills whole cost matrices
+
+
+class _SSE:
+    """Within-group sum of squares of the sorted values between allowed boundaries (prefix sums
+    of the centred values, so the subtraction does not cancel for entropies near log M)."""
+
+    def __init__(self, vs: np.ndarray, bnd: np.ndarray):
+        x = vs - vs.mean()
+        self.s1 = np.concatenate(([0.0], np.cumsum(x)))[bnd]
+        self.s2 = np.concatenate(([0.0], np.cumsum(x * x)))[bnd]
+        self.n = bnd.astype(np.float64)
+
+    def __call__(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """SSE of the group from boundary i to boundary j (broadcast); inf where i >= j."""
+        s1, s2, n = self.s1, self.s2, self.n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.maximum(s2[j] - s2[i] - (s1[j] - s1[i]) ** 2 / (n[j] - n[i]), 0.0)
+        return np.where(i < j, c, np.inf)
+
+
+def _min_plus(D: np.ndarray, sse: _SSE, dense: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """new[j] = min_{i<j} D[i] + sse(i, j) and its first argmin, for every boundary j.
+
+    Small problems use the whole cost matrix ``dense`` (rows j, columns i).  Larger ones use
+    that the argmin does not decrease with j (1-D K-means costs satisfy the quadrangle
+    inequality): divide and conquer, one numpy pass per level over all segments, O(nb log nb).
+    """
+    nb = D.size
+    if dense is not None:
+        tot = dense + D
+        arg = tot.argmin(axis=1)
+        return tot[np.arange(nb), arg], arg
+    new = np.full(nb, np.inf)
+    arg = np.zeros(nb, np.int64)
+    # segments of rows j in [jlo, jhi] whose argmin lies in [ilo, ihi]
+    jlo, jhi = np.array([1]), np.array([nb - 1])
+    ilo, ihi = np.array([0]), np.array([nb - 2])
+    while jlo.size:
+        mid = (jlo + jhi) // 2
+        hi = np.minimum(ihi, mid - 1)
+        lens = hi - ilo + 1  # >= 1: ilo <= the argmin of an earlier row < mid
+        starts = np.cumsum(lens) - lens
+        i = np.arange(lens.sum()) - np.repeat(starts - ilo, lens)
+        f = D[i] + sse(i, np.repeat(mid, lens))
+        mins = np.minimum.reduceat(f, starts)
+        first = np.flatnonzero(f == np.repeat(mins, lens))
+        best = i[first[np.searchsorted(first, starts)]]  # the first minimum of each segment
+        new[mid], arg[mid] = mins, best
+        left, right = jlo <= mid - 1, mid + 1 <= jhi
+        jlo, jhi, ilo, ihi = (np.concatenate((jlo[left], mid[right] + 1)), np.concatenate((mid[left] - 1, jhi[right])),
+                              np.concatenate((ilo[left], best[right])), np.concatenate((best[left], ihi[right])))
+    return new, arg
+
+
+def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
+    """Eq. 4 on scalars, solved exactly: group index per value (0..G'-1, by increasing group mean).
+
+    The optimal partition of scalars into G groups is contiguous in sorted order, so a dynamic
+    programme over the sorted values finds it: D_g(j) = min_{i<j} D_{g-1}(i) + SSE(i, j)
+    (:func:`_min_plus`).  Equal values always share a group (boundaries only between distinct
+    values), so G' = min(G, number of distinct values); among equally good partitions the one
+    with the earliest boundaries is taken, so the result is deterministic.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    order = np.argsort(v, kind="stable")
+    vs = v[order]
+    bnd = np.concatenate(([0], np.flatnonzero(vs[1:] != vs[:-1]) + 1, [v.size]))  # allowed boundaries
+    nb = bnd.size
+    g = max(1, min(int(groups), nb - 1))
+    sse = _SSE(vs, bnd)
+    idx = np.arange(nb)
+    D = sse(np.zeros(nb, np.int64), idx)  # one group from the start to each boundary
+    dense = sse(idx[None, :], idx[:, None]) if nb <= _DP_DENSE else None
+    back = np.zeros((g, nb), np.int64)
+    for k in range(1, g):
+        D, back[k] = _min_plus(D, sse, dense)
+    ends = [nb - 1]
+    for k in range(g - 1, 0, -1):
+        ends.append(int(back[k, ends[-1]]))
+    sizes = np.diff(np.concatenate(([0], bnd[np.array(ends[::-1])])))
+    lab = np.empty(v.size, np.int64)
+    lab[order] = np.repeat(np.arange(g), sizes)
+    return lab
 
 
 def allocate_bits(E: np.ndarray, groups: int, b_min: int, b_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -101,11 +101,58 @@ def test_slacc_group_assignment_and_bit_allocation_hand_computed():
     np.testing.assert_array_equal(ebar, [1.0, 1.625, 2.0])
     # Eq. 6: 2 + round((1.625 - 1) / (2 - 1) * 4) = 2 + round(2.5) = 5 (half away from zero; banker's gives 4)
     np.testing.assert_array_equal(bits, [2, 5, 6])
-    assert best_1d_partition(E, 3) == [1.0, 1.625, 2.0]  # Lloyd found the optimal partition
+    assert best_1d_partition(E, 3) == [1.0, 1.625, 2.0]  # the optimal partition
     # all group means equal -> every group gets b_max
     lab, ebar, bits = slacc.allocate_bits(np.full(5, 3.0), groups=3, b_min=2, b_max=8)
     assert (lab == 0).all() and bits.tolist() == [8]
     assert slacc.round_half_away(np.array([0.5, 1.5, 2.5, -0.5, 2.4999])).tolist() == [1, 2, 3, -1, 2]
+
+
+def _sse(v, lab):
+    return sum(((v[lab == k] - v[lab == k].mean()) ** 2).sum() for k in np.unique(lab))
+
+
+def _exhaustive_sse(v, g):
+    """The least Eq. 4 objective over all partitions of sorted v into g contiguous groups that keep
+    equal values together."""
+    vs = np.sort(v)
+    allowed = [i for i in range(1, vs.size) if vs[i] != vs[i - 1]]
+    return min(sum(((p - p.mean()) ** 2).sum() for p in np.split(vs, cuts))
+               for cuts in itertools.combinations(allowed, g - 1))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_slacc_eq4_kmeans_is_the_exact_optimum(dense, monkeypatch):
+    """Eq. 4 is an argmin: kmeans_1d's partition has the least within-group sum of squares of all
+    partitions (exhaustive search), equal values share a group, groups are numbered by increasing
+    mean. Both of its paths: the whole cost matrix, and divide and conquer (forced here on small
+    inputs; the encoder takes it above slacc._DP_DENSE boundaries)."""
+    if not dense:
+        monkeypatch.setattr(slacc, "_DP_DENSE", 1)
+    rng = np.random.default_rng(11)
+    for t in range(300):
+        c, g = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        v = np.round(rng.standard_normal(c) * 2, 1) if t % 2 else rng.standard_normal(c) * rng.random()
+        lab = slacc.kmeans_1d(v, g)
+        gg = min(g, np.unique(v).size)
+        assert lab.min() == 0 and lab.max() == gg - 1
+        assert np.all(np.diff([v[lab == k].mean() for k in range(gg)]) > 0)
+        assert all(np.unique(lab[v == u]).size == 1 for u in np.unique(v))
+        assert _sse(v, lab) <= _exhaustive_sse(v, gg) + 1e-12
+    # entropies are close to log M: centring keeps the objective exact there
+    v = np.log(50176) - np.array([0.0, 1e-4, 2e-4, 0.01, 0.0101, 0.03, 0.0302, 0.0304])
+    assert _sse(v, slacc.kmeans_1d(v, 3)) <= _exhaustive_sse(v, 3) + 1e-15
+
+
+def test_slacc_eq4_both_paths_agree_on_wide_layers(monkeypatch):
+    rng = np.random.default_rng(12)
+    for c in (300, 777):
+        v = np.log(1e4) - np.abs(rng.standard_normal(c)) * 0.01
+        fast = slacc.kmeans_1d(v, 4)
+        monkeypatch.setattr(slacc, "_DP_DENSE", 10**6)
+        full = slacc.kmeans_1d(v, 4)
+        monkeypatch.undo()
+        assert abs(_sse(v, fast) - _sse(v, full)) <= 1e-12 * _sse(v, full)
 
 
 def test_slacc_eq7_linear_quantization_rounds_half_away_from_zero():
