@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .. import codecs as sc
 from ..errors import MAX_THREADS, FiniteFloat, UserError
@@ -76,7 +77,10 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
               help="Checkpoints kept in --checkpoint-dir (older ones are deleted; a checkpoint at the server step "
                    "of an earlier one replaces it).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in --checkpoint-dir: the server model, its optimizer's "
+                   "state and settings, the clients' progress. --lr, --momentum or --weight-decay given here "
+                   "replace the checkpoint's settings.")
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None,
               help="Append JSON lines (one per step, error, FedAvg round, checkpoint) to this file.")
 @click.option("--client-timeout", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
@@ -178,6 +182,8 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         grad_codec_params=gparams, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
         device=device, fedavg_every=fedavg_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume, metrics=metrics, client_timeout_s=client_timeout,
+        hparams_given=tuple(k for k in ("lr", "momentum", "weight_decay")
+                            if click.get_current_context().get_parameter_source(k) is not ParameterSource.DEFAULT),
         max_message_bytes=int(max_message_mb * 1024 * 1024), max_client_errors=max_client_errors, error_window_s=error_window,
         max_clients=max_clients,
         expect_clients=expect_clients, exit_when_done=exit_when_done, log_every=log_every, seed=seed,

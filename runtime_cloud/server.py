@@ -55,6 +55,9 @@ class ServeConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
+    # optimizer settings given on the command line: on --resume they replace the checkpoint's
+    # (the others come from the checkpoint, like the optimizer's state)
+    hparams_given: tuple[str, ...] = ("lr", "momentum", "weight_decay")
     metrics: str | None = None
     client_timeout_s: float = 60.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -199,10 +202,10 @@ class CloudServer:
                 pass
         s = self.codec_settings()
         log.info(
-            "serving %s cut %d (activation %s) on %s%s; codec %s %s, gradients %s %s; server %s lr %g",
+            "serving %s cut %d (activation %s) on %s%s; codec %s %s, gradients %s %s; server %s %s",
             self.manifest.model, self.manifest.cut, "x".join(map(str, self.manifest.activation_shape)), self.cfg.bind,
             " (CURVE: encrypted, authorized keys only)" if self.auth is not None else "", s["codec"]["name"], s["codec"]["params"], s["grad_codec"]["name"], s["grad_codec"]["params"],
-            self.cfg.optimizer, self.cfg.lr,
+            self.cfg.optimizer, ", ".join(f"{k} {v:g}" for k, v in self.model.hparams.items()),
         )
         self.metrics.write("start", session=self.session_id, bind=self.cfg.bind, **s,
                            model=self.manifest.model, cut=self.manifest.cut, server_step=self.server_step)
@@ -663,6 +666,8 @@ class CloudServer:
             if (model, cut) != (self.manifest.model, self.manifest.cut):
                 raise ValueError(f"checkpoint {path} is for {model} cut {cut}, not these artifacts")
             self.model.load(path)
+            saved = self.model.hparams
+            self.model.set_hparams({k: getattr(self.cfg, k) for k in self.cfg.hparams_given})
         except CorruptFile as e:
             raise CorruptFile(e.path, f"{e.why}. The checkpoint {path.name} is damaged: "
                                       f"{self._resume_advice(path)}") from None
@@ -671,6 +676,12 @@ class CloudServer:
         self.progress = progress
         log.info("resumed from %s: server step %d, clients %s", path, self.server_step,
                  {k: v["last_step"] for k, v in self.progress.items()})
+        now = self.model.hparams
+        changed = {k: (saved[k], now[k]) for k in now if now[k] != saved.get(k)}
+        log.info("server optimizer %s: %s%s", self.cfg.optimizer, ", ".join(f"{k} {v:g}" for k, v in now.items()),
+                 " (" + ", ".join(f"--{k.replace('_', '-')} {b:g} replaces the checkpoint's {a:g}"
+                                  for k, (a, b) in changed.items()) + ")" if changed else
+                 " (the checkpoint's; --lr, --momentum or --weight-decay given on the command line replace them)")
         # steps a previous run applied after this checkpoint are gone with it: say so, so that the
         # metrics can be read exactly (a step in flight at a crash may be applied again here)
         self.metrics.write("resume", session=self.session_id, checkpoint=str(path), server_step=self.server_step,

@@ -150,6 +150,19 @@ class ServerModel:
         self.optimizer_name = optimizer
         self.steps = 0
 
+    @property
+    def hparams(self) -> dict[str, float]:
+        """The optimizer's current lr, momentum (SGD) and weight_decay."""
+        group = self.opt.param_groups[0]
+        return {k: float(group[k]) for k in ("lr", "momentum", "weight_decay") if k in group}
+
+    def set_hparams(self, values: dict[str, float]) -> None:
+        """Sets lr / momentum / weight_decay on every parameter group (those the optimizer has)."""
+        for group in self.opt.param_groups:
+            for k, v in values.items():
+                if k in group:
+                    group[k] = v
+
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> StepResult:
         """One SGD step on one batch. Raises :class:`StepRefused` -- with nothing applied -- when the
         model cannot train on the batch or its loss or gradients are not finite (e.g. huge activations)."""

@@ -210,6 +210,40 @@ def test_resume_from_the_only_checkpoint_damaged(art, tmp_path):
     _refused(res, "server_state.json: not valid JSON", "no earlier checkpoint is kept", "without --resume")
 
 
+def _resumed_banner(art: Path, root: Path, tmp_path: Path, *extra: str) -> str:
+    """Starts cloud-serve --resume from ``root``, waits for its 'server optimizer' line, stops it (SIGINT)."""
+    import time
+
+    err = tmp_path / "cloud.err"
+    with err.open("w") as fh:
+        proc = subprocess.Popen([bin_path("cloud-serve"), "--artifacts", str(art), "--bind",
+                                 f"tcp://127.0.0.1:{launch.free_port()}", "--checkpoint-dir", str(root), "--resume",
+                                 *extra], stdout=subprocess.DEVNULL, stderr=fh)
+    try:
+        deadline = time.monotonic() + 120
+        while "serving resnet18" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    return err.read_text()
+
+
+def test_resume_takes_the_checkpoints_optimizer_settings_unless_given(art, tmp_path):
+    """The checkpoint was written with lr 0.01, momentum 0.9. A --resume without --lr/--momentum keeps
+    them (cloud-serve's defaults, lr 0.01 and momentum 0, must not replace them silently); --lr given
+    on the command line replaces the checkpoint's lr, and the banner and the next checkpoint say so."""
+    root = tmp_path / "ckpt"
+    _checkpoints(art, root, [5])
+    out = _resumed_banner(art, root, tmp_path)
+    assert "server optimizer sgd: lr 0.01, momentum 0.9, weight_decay 0 (the checkpoint's" in out, out
+    assert "server sgd lr 0.01, momentum 0.9" in out, out
+    out = _resumed_banner(art, root, tmp_path, "--lr", "0.002")
+    assert "lr 0.002, momentum 0.9" in out and "--lr 0.002 replaces the checkpoint's 0.01" in out, out
+    saved = json.loads((CheckpointDir(root).latest() / "server_optimizer.json").read_text())
+    assert saved["param_groups"][0]["lr"] == 0.002 and saved["param_groups"][0]["momentum"] == 0.9, saved
+
+
 def test_a_damaged_checkpoint_is_refused_before_anything_is_loaded(art, tmp_path):
     """ServerModel.load checks every file before replacing anything: after a refused load the model
     and optimizer are as they were."""
