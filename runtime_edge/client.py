@@ -147,7 +147,14 @@ class EdgeClient:
         if cfg.resume:
             if self.ckpt is None:
                 raise EdgeInputError("--resume needs --checkpoint-dir")
+            if not self.ckpt.root.is_dir():
+                raise EdgeInputError(
+                    f"--resume: --checkpoint-dir {self.ckpt.root} does not exist, so no run wrote there (a mistyped "
+                    "path?): give the directory of the run to continue, or leave out --resume to start a new run")
             latest = self.ckpt.latest()
+            if latest is None:
+                log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
+                            "starts from its initial weights", self.ckpt.root)
             if latest is not None:
                 ckpt_file = latest / "edge_checkpoint"
                 self.progress, resumed_run = _load_progress(latest / "edge_progress.json")
@@ -355,6 +362,13 @@ class EdgeClient:
     def run(self) -> dict[str, Any]:
         self.t_start = time.time()
         self.hello()
+        if self.ckpt is not None:
+            # made now, not at the first checkpoint: --resume refuses a directory that does not exist (a
+            # mistyped path), and a run that stops before its first checkpoint must still be resumable
+            try:
+                self.ckpt.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EdgeError(f"--checkpoint-dir {self.ckpt.root}: cannot create it ({e.strerror or e})") from None
         bar = _Bar(self.planned_steps, self.cfg.client_id, self.cfg.progress, self.cfg.log_every)
         p = self.progress
         try:
@@ -559,8 +573,10 @@ class EdgeClient:
 
     def _run_identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (see :func:`_check_resume`)."""
-        return {**_artifacts_identity(self.manifest), "client_id": self.cfg.client_id,
-                "batch_size": self.cfg.batch_size, "partition_plan": self.partition_info["plan"]}
+        c = self.cfg
+        return {**_artifacts_identity(self.manifest), "client_id": c.client_id, "batch_size": c.batch_size,
+                "data": c.data, "partition": c.partition, "seed": c.seed, "num_clients": c.num_clients,
+                "partition_plan": self.partition_info["plan"]}
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
         med = {f"{k}_ms_median": round(float(np.median(v)), 3) if v else None for k, v in self.timings.items()}
@@ -642,9 +658,10 @@ class ResumeMismatch(EdgeError):
 
 _RESUME_WHAT = {
     "model": "--artifacts (model)", "cut": "--artifacts (cut)", "artifacts": "--artifacts (files)",
-    "client_id": "--client-id", "batch_size": "--batch-size",
-    "partition_plan": "the data set, --partition, --seed or --num-clients",
+    "client_id": "--client-id", "batch_size": "--batch-size", "data": "--data", "partition": "--partition",
+    "seed": "--seed", "num_clients": "--num-clients",
 }
+_PLAN = "partition_plan"  # a digest of the shard plan: differs also when only the data set's contents do
 
 
 def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
@@ -653,10 +670,19 @@ def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
 
 
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> None:
-    diff = [_RESUME_WHAT.get(k, k) for k, v in now.items() if k in saved and saved[k] != v]
+    """ResumeMismatch naming each setting in which ``now`` differs from the checkpoint's run ``saved``."""
+    diff = ["--artifacts (their files differ)" if k == "artifacts" else
+            f"{_RESUME_WHAT[k]} ({json.dumps(saved[k])} there, {json.dumps(v)} here)"
+            for k, v in now.items() if k in _RESUME_WHAT and k in saved and saved[k] != v]
+    if not diff and _PLAN in saved and _PLAN in now and saved[_PLAN] != now[_PLAN]:
+        named = [k for k in ("data", "partition", "seed", "num_clients") if k in saved]
+        diff = ["data: the same --data, --partition, --seed and --num-clients split other samples (the data set's "
+                "files changed)" if named else "the data set, --partition, --seed or --num-clients"]
     if diff:
-        raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with other {', '.join(diff)}; "
-                             "resume with the same arguments, or start fresh with another --checkpoint-dir")
+        raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with a different "
+                             f"{'; '.join(diff)}; resume with the same arguments, or start fresh with another "
+                             "--checkpoint-dir")
+
 
 
 def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:

@@ -190,13 +190,16 @@ def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
                 "--connect", f"tcp://127.0.0.1:{launch.free_port()}", *extra]
         return subprocess.run(launch.script("edge-train") + args, capture_output=True, text=True, timeout=120)
 
-    for extra, what in ((("--batch-size", "32"), "--batch-size"),
-                        (("--num-clients", "2", "--client-id", "1"), "--client-id, the data set"),
-                        (("--seed", "7"), "the data set, --partition, --seed or --num-clients")):
+    for extra, what in ((("--batch-size", "32"), "a different --batch-size (16 there, 32 here)"),
+                        (("--num-clients", "2", "--client-id", "1"),
+                         "a different --client-id (0 there, 1 here); --num-clients (1 there, 2 here)"),
+                        (("--seed", "7"), "a different --seed (0 there, 7 here); resume with the same arguments"),
+                        (("--partition", "dirichlet:0.5"), 'a different --partition ("iid" there, "dirichlet:0.5" here)')):
         res = resume(*extra)
-        assert res.returncode == 2 and f"other {what}" in res.stderr, res.stderr[-2000:]
+        assert res.returncode == 2 and what in " ".join(res.stderr.split()), res.stderr[-2000:]
     res = resume(artifacts=other_art)
-    assert res.returncode == 2 and "other --artifacts (cut), --artifacts (files)" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "a different --artifacts (cut) (3 there, 4 here); --artifacts (their files differ)" \
+        in " ".join(res.stderr.split()), res.stderr[-2000:]
     (ckpt / (ckpt / "LATEST").read_text().strip() / "edge_progress.json").write_text('{"step": ')
     res = resume()
     assert res.returncode == 1 and "edge_progress.json is unreadable" in res.stderr, res.stderr[-2000:]

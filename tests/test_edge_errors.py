@@ -124,8 +124,14 @@ def test_a_fresh_run_with_a_client_id_the_cloud_has_steps_from_is_refused(art, c
     crashed = _edge(art, "--steps", "7", "--checkpoint-dir", str(empty), "--resume", "--summary",
                     str(tmp_path / "4.json"), port=port)
     assert crashed.returncode == 0, crashed.stderr[-3000:]
-    assert "skipping 5 batches" in crashed.stderr
+    assert "skipping 5 batches" in crashed.stderr and "holds no checkpoint yet" in crashed.stderr
     assert _steps(tmp_path, 0) == [1, 2, 3, 4, 5, 6, 7]
+
+    # a --checkpoint-dir that does not exist is a mistyped path, not a run to continue: refused,
+    # nothing sent (a run creates its directory when it starts, before its first checkpoint)
+    typo = _edge(art, "--steps", "9", "--checkpoint-dir", str(tmp_path / "ck-typo"), "--resume", port=port)
+    _clean(typo, 2, f"--checkpoint-dir {tmp_path / 'ck-typo'} does not exist", "leave out --resume")
+    assert _steps(tmp_path, 0) == [1, 2, 3, 4, 5, 6, 7] and not (tmp_path / "ck-typo").exists()
 
 
 # ---------------------------------------------------------------------------- 2. another run's checkpoint directory
@@ -372,3 +378,19 @@ def test_edge_train_code_itself_does_not_import_torch():
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_resume_mismatch_names_each_difference_and_falls_back_to_the_shard_plan():
+    from splitedge.runtime_edge.client import ResumeMismatch, _check_resume
+
+    run = {"model": "resnet18", "cut": 3, "artifacts": "a" * 32, "client_id": 0, "batch_size": 32,
+           "data": "fashion-mnist", "partition": "iid", "seed": 0, "num_clients": 2, "partition_plan": "p1"}
+    _check_resume(run, dict(run), "ck")  # the same run: nothing to say
+    _check_resume(run, {"model": "resnet18", "cut": 3, "artifacts": "a" * 32}, "ck")  # the artifacts check alone
+    with pytest.raises(ResumeMismatch, match=r'different --seed \(0 there, 3 here\); --num-clients \(2 there, 4 here\)'):
+        _check_resume(run, {**run, "seed": 3, "num_clients": 4, "partition_plan": "p2"}, "ck")
+    with pytest.raises(ResumeMismatch, match="the data set's files changed"):
+        _check_resume(run, {**run, "partition_plan": "p2"}, "ck")
+    older = {k: v for k, v in run.items() if k not in ("data", "partition", "seed", "num_clients")}
+    with pytest.raises(ResumeMismatch, match="the data set, --partition, --seed or --num-clients"):
+        _check_resume(older, {**run, "seed": 3, "partition_plan": "p2"}, "ck")
