@@ -175,8 +175,10 @@ class EdgeClient:
             raise EdgeError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
                             "--checkpoint-dir") from None
         self.manifest = self.model.manifest
-        self.train_set = D.load(cfg.data, split="train")
-        self.test_set = D.load(cfg.data, split="test")
+        # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
+        size = {"image_size": tuple(self.manifest.input_shape[1:])} if len(self.manifest.input_shape) == 3 else {}
+        self.train_set = D.load(cfg.data, split="train", **size)
+        self.test_set = D.load(cfg.data, split="test", **size)
         if tuple(self.train_set.input_shape) != tuple(self.manifest.input_shape):
             raise EdgeInputError(
                 f"{cfg.data} has inputs {'x'.join(map(str, self.train_set.input_shape))} but the artifacts expect "

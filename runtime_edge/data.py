@@ -149,8 +149,8 @@ FOLDER_HELP = (
     "folder:DIR expects either the HAM10000 layout, DIR/HAM10000_metadata.csv (columns image_id and "
     "dx, the class name; lesion_id optional) with images <image_id>.jpg in DIR or in its "
     "sub-folders (HAM10000_images_part_1/, HAM10000_images_part_2/), or a generic DIR/labels.csv "
-    "with columns filename,label (filenames relative to DIR). HAM10000 is at "
-    "https://doi.org/10.7910/DVN/DBW86T."
+    "with columns filename,label (filenames relative to DIR). Images are read as RGB and resized to "
+    "the artifacts' input size (edge-train) or 64x64. HAM10000 is at https://doi.org/10.7910/DVN/DBW86T."
 )
 
 

@@ -394,3 +394,22 @@ def test_resume_mismatch_names_each_difference_and_falls_back_to_the_shard_plan(
     older = {k: v for k, v in run.items() if k not in ("data", "partition", "seed", "num_clients")}
     with pytest.raises(ResumeMismatch, match="the data set, --partition, --seed or --num-clients"):
         _check_resume(older, {**run, "seed": 3, "partition_plan": "p2"}, "ck")
+
+
+def test_folder_images_are_resized_to_the_artifacts_input_size(exported, tmp_path):
+    """folder: data is read at the artifacts' H x W (here 32x32 from 40x24 PNGs), so edge-train gets
+    past the data checks to the connection (nobody listens: exit 1 after --give-up), instead of
+    refusing the data as 3x64x64."""
+    from PIL import Image
+
+    art3 = exported("resnet18", 3, input_shape=(3, 32, 32))
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rows = ["filename,label"]
+    for i in range(40):
+        Image.new("RGB", (40, 24), (6 * i, 255 - 6 * i, 100)).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    res = _edge(art3, data=f"folder:{root}")
+    _clean(res, 1, "did not answer HELLO", "is cloud-serve running")
+    assert "3x64x64" not in res.stderr
