@@ -237,7 +237,8 @@ class EdgeClient:
         sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
         self.progress.bytes_sent += sent or 0
         sent_at = time.monotonic()
-        last_ping = sent_at
+        last_ping = started = sent_at
+        waiting_noted = type_ != P.MsgType.HELLO  # first contact: say early that nothing has answered yet
         malformed: tuple[int, str] | None = None  # (count, last reason) of unparsable replies
         while True:
             now = time.monotonic()
@@ -260,10 +261,15 @@ class EdgeClient:
                                     f"{malformed[1]}")
                 raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
                                 f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
+            if not waiting_noted and now - started > 5.0:
+                waiting_noted = True
+                log.warning("no answer from the cloud at %s yet: is cloud-serve running there, at that address? "
+                            "(waiting up to --give-up %.0fs)", self.cfg.connect, self.cfg.give_up_s)
             if sent is None or now - sent_at > timeout:
                 if sent is not None:
-                    log.warning("no reply to %s after %.1fs: retrying (same step id)", type_.name, now - sent_at)
-                    timeout = min(timeout * 2, 120.0)
+                    log.warning("no reply to %s from %s after %.1fs: retrying (same step id; giving up in %.0fs)",
+                                type_.name, self.cfg.connect, now - sent_at, deadline - now)
+                    timeout = min(timeout * 2, 60.0)
                 if sent is not None or now - sent_at > 0.1:
                     sent = self.ep.try_send(out)
                     self.progress.bytes_sent += sent or 0
