@@ -38,11 +38,14 @@ _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def parse_rate(text: str) -> float:
-    """``10mbit`` -> 1e7 bit/s. Raises ValueError naming the accepted units."""
+    """``10mbit`` -> 1e7 bit/s. Raises ValueError naming the accepted units.
+
+    The unit is required: a bare ``10`` (10 bit/s, a link that would take hours per step) is
+    almost always a forgotten ``mbit``."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not m or (m.group(2) and m.group(2) not in _RATE_UNITS):
+    if not m or m.group(2) not in _RATE_UNITS:
         raise ValueError(f"bad rate {text!r}: write a number and one of {', '.join(_RATE_UNITS)} (e.g. 10mbit)")
-    value = float(m.group(1)) * _RATE_UNITS.get(m.group(2) or "bit", 1)
+    value = float(m.group(1)) * _RATE_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError(f"bad rate {text!r}: must be positive")
     return value

@@ -17,10 +17,10 @@ def test_parse_units():
     assert parse_rate("10mbit") == 10e6
     assert parse_rate("500kbit") == 500e3
     assert parse_rate("2.5mbps") == 2.5e6
-    assert parse_rate("1e6") == 1e6
+    assert parse_rate("1e6bit") == 1e6
     assert parse_duration("20ms") == pytest.approx(0.02)
     assert parse_duration("1.5") == 1.5
-    for bad in ("", "10mb/s", "fast", "-3mbit", "0"):
+    for bad in ("", "10mb/s", "fast", "-3mbit", "0", "10", "1e6"):  # a bare number: a forgotten unit
         with pytest.raises(ValueError):
             parse_rate(bad)
     with pytest.raises(ValueError):
