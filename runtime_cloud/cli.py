@@ -22,6 +22,8 @@ def parse_params(items: tuple[str, ...], option: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        if key in out:
+            raise click.BadParameter(f"{key} is given twice", param_hint=option)
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -129,6 +131,12 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
     from ..export import manifest as mf
     from .server import ServeConfig, serve
 
+    for items, option, b, b_option in ((codec_param, "--codec-param", bits, "--bits"),
+                                       (grad_codec_param, "--grad-codec-param", grad_bits, "--grad-bits")):
+        given = parse_params(items, option).get("bits")
+        if b is not None and given is not None and given != b:
+            raise click.BadParameter(f"{b_option} {b} and {option} bits={given} disagree: give one of them",
+                                     param_hint=b_option)
     params = codec_params(codec, bits, codec_param, "--codec-param", "--bits")
     if calibration is not None:
         if codec != "sgq":

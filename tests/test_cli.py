@@ -141,6 +141,13 @@ def test_nan_and_absurd_thread_counts_exit_2(argv):
     (["splitedge", "demo", "--model", "vgg11", "--cut", "layer1"], "unknown cut 'layer1'"),
     (["splitedge", "demo", "--model", "resnet"], "'resnet' is not one of"),
     (["splitedge", "profiles", "show", "/tmp"], "is a directory, not a profile file"),
+    (["cloud-serve", "--artifacts", "x", "--codec", "uq", "--codec-param", "bits=3", "--bits", "4"],
+     "--bits 4 and --codec-param bits=3 disagree"),
+    (["cloud-serve", "--artifacts", "x", "--grad-codec-param", "bits=3", "--grad-bits", "2"],
+     "--grad-bits 2 and --grad-codec-param bits=3 disagree"),
+    (["cloud-serve", "--artifacts", "x", "--codec-param", "groups=3", "--codec-param", "groups=4"],
+     "groups is given twice"),
+    (["edge-train", "--artifacts", "x", "--connect", "tcp://127.0.0.1:9", "--bandwidth", "10"], "bad rate '10'"),
 ])
 def test_bad_paths_and_conflicting_options_exit_2_before_any_work(argv, message):
     res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
