@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -103,7 +104,8 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
     from ..export.manifest import ManifestError
     from .. import protocol as P
     from ..codecs import PayloadError
-    from .client import EdgeClient, EdgeConfig, EdgeError, EdgeInputError, RemoteError, ResumeMismatch, SummaryError
+    from .client import (EdgeClient, EdgeConfig, EdgeError, EdgeInputError, Interrupted, RemoteError, ResumeMismatch,
+                         SummaryError)
     from .data import DatasetError
 
     if epochs is not None and steps is not None:
@@ -152,7 +154,14 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         # exit) are not this program's: keep them out of the INFO level set for edge-train's own log
         logging.getLogger("torch").setLevel(logging.WARNING)
     try:
-        result = EdgeClient(cfg).run()
+        client = EdgeClient(cfg)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
+                signal.signal(sig, client.request_stop)
+        result = client.run()
+    except Interrupted as e:
+        click.echo(f"edge-train: {e}", err=True)
+        sys.exit(e.exit_code)
     except (ManifestError, DatasetError, ResumeMismatch, EdgeInputError) as e:
         raise UserError(str(e)) from None
     except SummaryError as e:  # the run completed: its result still goes to stdout

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -221,6 +222,7 @@ class EdgeClient:
         self.train_correct = 0
         self.train_seen = 0
         self._welcomed = False  # set by the first WELCOME of this process
+        self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next safe point
 
     # ------------------------------------------------------------------ requests
 
@@ -241,6 +243,7 @@ class EdgeClient:
         waiting_noted = type_ != P.MsgType.HELLO  # first contact: say early that nothing has answered yet
         malformed: tuple[int, str] | None = None  # (count, last reason) of unparsable replies
         while True:
+            self._check_stop()
             now = time.monotonic()
             failure = self.ep.handshake_failure()
             if failure == "auth":
@@ -369,17 +372,18 @@ class EdgeClient:
 
     def run(self) -> dict[str, Any]:
         self.t_start = time.time()
-        self.hello()
-        if self.ckpt is not None:
-            # made now, not at the first checkpoint: --resume refuses a directory that does not exist (a
-            # mistyped path), and a run that stops before its first checkpoint must still be resumable
-            try:
-                self.ckpt.root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise EdgeError(f"--checkpoint-dir {self.ckpt.root}: cannot create it ({e.strerror or e})") from None
         bar = _Bar(self.planned_steps, self.cfg.client_id, self.cfg.progress, self.cfg.log_every)
         p = self.progress
         try:
+            self.hello()
+            if self.ckpt is not None:
+                # made now, not at the first checkpoint: --resume refuses a directory that does not exist (a
+                # mistyped path), and a run that stops before its first checkpoint must still be resumable
+                try:
+                    self.ckpt.root.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise EdgeError(f"--checkpoint-dir {self.ckpt.root}: cannot create it ({e.strerror or e})") \
+                        from None
             while p.step < self.planned_steps:
                 # (re)start the batch stream at the recorded position; a skip (the cloud had already
                 # applied steps) changes the position, and the stream is restarted there
@@ -391,6 +395,7 @@ class EdgeClient:
                         break
                     self._train_step(x, y)
                     bar.update(p.step, self.last_loss, self.train_correct / max(1, self.train_seen))
+                    self._check_stop()
                     if self.cfg.eval_every and p.step % self.cfg.eval_every == 0 and p.step < self.planned_steps:
                         self.evaluate()
                     if self.ckpt and p.step % self.cfg.checkpoint_every == 0:
@@ -399,6 +404,8 @@ class EdgeClient:
             if self.ckpt:
                 self.save_checkpoint()
             self._bye("finished")
+        except _Stop:
+            raise self._interrupted() from None
         finally:
             bar.close()
         summary = self.summary(final)
@@ -411,6 +418,31 @@ class EdgeClient:
                 raise SummaryError(f"--summary {self.cfg.summary} could not be written ({e.strerror or e}); the run "
                                    f"itself completed ({self.progress.step} steps)", summary) from None
         return summary
+
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """Signal handler (SIGINT, SIGTERM): stop at the next safe point -- between steps, or while
+        waiting for the cloud -- with a checkpoint of the last completed step. A second SIGINT aborts."""
+        self.stop_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise _Stop
+
+    def _interrupted(self) -> "Interrupted":
+        """Saves a checkpoint of the last completed step (the model is never left mid-step: the handler
+        only sets a flag) and words what to do next."""
+        p = self.progress
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
+        where = ""
+        if self.ckpt and p.step > 0:
+            self.save_checkpoint()
+            where = f"; its checkpoint is in {self.ckpt.root}: run the same command with --resume to continue"
+        elif p.step > 0:
+            where = "; without --checkpoint-dir there is no checkpoint to continue from"
+        self.ep.close(linger_ms=0)
+        return Interrupted(f"stopped by {name} after step {p.step} of {self.planned_steps}{where}",
+                           128 + int(self.stop_signal or 0))
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> None:
         p = self.progress
@@ -704,6 +736,18 @@ def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
         raise EdgeError(f"--resume: {path} is missing (a damaged checkpoint directory)") from None
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise EdgeError(f"--resume: {path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+class _Stop(Exception):
+    """Raised at a safe point after SIGINT/SIGTERM (see EdgeClient.request_stop)."""
+
+
+class Interrupted(Exception):
+    """edge-train stopped by a signal, cleanly; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RemoteError(Exception):

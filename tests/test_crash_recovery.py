@@ -206,6 +206,38 @@ def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_edge_saves_a_checkpoint_and_resumes_without_losing_a_step(art, tmp_path, sig):
+    """Ctrl-C (or a service manager's SIGTERM) stops edge-train at the next safe point -- between
+    steps or while it waits for the cloud -- with a checkpoint of its last completed step, exit
+    128 + the signal number, and a message saying how to continue. --resume then finishes the run;
+    the cloud applied every step exactly once, and no step was retrained from older weights (the
+    checkpoint is not behind the cloud by more than a step in flight)."""
+    planned = 60
+    port = launch.free_port()
+    ckpt = tmp_path / "edge-ckpt"
+    cloud = _cloud(art, port, tmp_path, "--expect-clients", "1", "--exit-when-done")
+    edge_args = ("--steps", str(planned), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000")
+    edge = _edge(art, port, tmp_path, 0, 1, *edge_args)
+    try:
+        _wait_for(lambda: sum(e["event"] == "step" for e in _events(tmp_path)) >= 10, 240, "10 steps", [cloud, edge])
+        edge.send_signal(sig)
+        assert edge.wait(timeout=60) == 128 + sig, _tail(tmp_path / "edge-0.log")
+        log = _tail(tmp_path / "edge-0.log")
+        stopped = int(log.split(" after step ")[1].split()[0])
+        assert f"stopped by {sig.name} after step {stopped} of {planned}" in log and "with --resume to continue" in log
+        assert (ckpt / "LATEST").read_text().strip() == f"ckpt-{stopped:09d}", "a checkpoint of that very step"
+        applied = max(e["step"] for e in _events(tmp_path) if e["event"] == "step")
+        assert stopped <= applied <= stopped + 1, (stopped, applied)
+        edge = _edge(art, port, tmp_path, 0, 1, *edge_args, "--resume")
+        assert edge.wait(timeout=240) == 0, _tail(tmp_path / "edge-0.log")
+        assert cloud.wait(timeout=60) == 0, _tail(tmp_path / "cloud.log")
+    finally:
+        _stop(edge, cloud)
+    steps = Counter(e["step"] for e in _events(tmp_path) if e["event"] == "step")
+    assert sorted(steps) == list(range(1, planned + 1)) and set(steps.values()) == {1}
+
+
 # ---------------------------------------------------------------------------- damaged checkpoint directories
 
 

@@ -294,6 +294,9 @@ def test_a_late_summary_write_failure_names_the_option_and_keeps_the_result(tmp_
         def __init__(self, cfg):
             pass
 
+        def request_stop(self, signum, frame=None):
+            pass
+
         def run(self):
             raise client.SummaryError("--summary x could not be written (disk full); the run itself completed",
                                       {"client_id": 0, "final_accuracy": 0.5, "steps": 7, "bytes_sent": 1,
