@@ -113,17 +113,21 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
     tty = sys.stdout.isatty()
     last = [0.0]
 
-    def tick(events):
+    def status(events) -> str | None:
         steps_done = [e for e in events if e.get("event") == "step"]
         if not steps_done:
-            return
+            return None
+        return (f"      {len(steps_done)} server steps, loss {steps_done[-1]['loss']:.3f}, "
+                f"{_fmt_bytes(sum(x['bytes_in'] + x['bytes_out'] for x in steps_done))} on the wire")
+
+    def tick(events):
         now = time.monotonic()
         if not tty and now - last[0] < 15:
             return
+        line = status(events)
+        if line is None:
+            return
         last[0] = now
-        e = steps_done[-1]
-        line = (f"      {len(steps_done)} server steps, loss {e['loss']:.3f}, "
-                f"{_fmt_bytes(sum(x['bytes_in'] + x['bytes_out'] for x in steps_done))} on the wire")
         click.echo(("\r" + line + "   ") if tty else line, nl=not tty)
 
     click.echo("[3/4] training")
@@ -131,9 +135,11 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         result = launch.run(spec, on_tick=tick)
     except launch.RunFailed as e:
         raise click.ClickException(str(e)) from None
-    if tty:
-        click.echo("")
-    t = launch.traffic(result.metrics())
+    events = result.metrics()
+    final = status(events)  # the last tick may be older than the last steps
+    if final is not None:
+        click.echo(("\r" + final + "   ") if tty else final)
+    t = launch.traffic(events)
     accs = [s["final_accuracy"] for s in result.summaries]
     click.echo(f"[4/4] done in {time.monotonic() - t0:.0f}s")
     for s in result.summaries:

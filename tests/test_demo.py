@@ -26,6 +26,8 @@ def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
     t = summary["traffic"]
     assert t["steps"] == 16 and t["payload_bytes"] == t["activation_bytes"] + t["gradient_bytes"]
     assert t["reduction_vs_fp32"] > 20
+    tally = [line for line in out.splitlines() if "server steps" in line]
+    assert tally and tally[-1].strip().startswith("16 server steps"), "the last progress line is the final tally"
     assert not (wd / "stale.txt").exists(), "an earlier demo's workdir is replaced"
     for c in range(2):
         s = json.loads((wd / "run" / f"edge-{c}.json").read_text())
