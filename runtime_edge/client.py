@@ -137,6 +137,7 @@ class EdgeClient:
         if cfg.checkpoint_dir:
             _check_checkpoint_dir(Path(cfg.checkpoint_dir), cfg.resume)
         if cfg.summary:
+            _check_summary_target(Path(cfg.summary))
             _check_writable_dir(Path(cfg.summary).parent, f"--summary {cfg.summary}: its directory")
         from .ort_backend import CheckpointLoadError, EdgeModel
 
@@ -655,6 +656,19 @@ def _check_writable_dir(d: Path, what: str) -> None:
             os.rmdir(tempfile.mkdtemp(dir=target, prefix=".write-test-"))
     except OSError as e:
         raise EdgeInputError(f"{what} {d} cannot be created or written ({e.strerror or e})") from None
+
+
+def _check_summary_target(path: Path) -> None:
+    """--summary replaces an earlier summary, never another file (a mistyped path must not cost it)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and {"client_id", "final_accuracy", "steps"} <= old.keys()):
+        raise EdgeInputError(f"--summary {path} exists and is not an edge-train summary: refusing to overwrite it "
+                             "(choose another path, or remove it yourself)")
 
 
 def _check_checkpoint_dir(d: Path, resume: bool) -> None:

@@ -416,3 +416,15 @@ def test_folder_images_are_resized_to_the_artifacts_input_size(exported, tmp_pat
     res = _edge(art3, data=f"folder:{root}")
     _clean(res, 1, "did not answer HELLO", "is cloud-serve running")
     assert "3x64x64" not in res.stderr
+
+
+def test_summary_replaces_an_earlier_summary_but_never_another_file(art, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes\n")
+    res = _edge(art, "--steps", "1", "--summary", str(notes))
+    _clean(res, 2, f"--summary {notes} exists and is not an edge-train summary: refusing to overwrite it")
+    assert notes.read_text() == "my precious notes\n"
+    earlier = tmp_path / "s.json"
+    earlier.write_text(json.dumps({"client_id": 0, "final_accuracy": 0.5, "steps": 3}))
+    res = _edge(art, "--steps", "1", "--summary", str(earlier))  # accepted: fails later, at the connection
+    _clean(res, 1, "did not answer HELLO")
