@@ -106,6 +106,13 @@ class Manifest:
             raise ManifestError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None
 
 
+def client_digest(m: Manifest) -> str:
+    """A short digest of the edge half's files (client/): equal for the cloud's full artifact directory
+    and a board's bundle (whose manifest lists client/ only) when they come from one export."""
+    client = {k: v for k, v in sorted(m.files.items()) if k.startswith("client/")}
+    return hashlib.sha256(json.dumps(client, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

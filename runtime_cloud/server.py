@@ -416,9 +416,16 @@ class CloudServer:
         log.info("client %d joined (%d samples, its step %d, applied here %d)", cid, s.samples, h["resume_step"], s.last_step)
         self.metrics.write("client_joined", client=cid, samples=s.samples, last_step=s.last_step,
                            resume_step=h["resume_step"])
+        ours = mf.client_digest(self.manifest)
+        theirs = h.get("client_files")
+        if isinstance(theirs, str) and theirs != ours:
+            log.warning("client %d trains the edge half of another export of %s cut %d (its client/ files differ "
+                        "from these artifacts'): fine if it was re-exported on purpose; otherwise the two halves do "
+                        "not start from one model", cid, m.model, m.cut)
+            self.metrics.write("artifacts_differ", client=cid)
         self._send(identity, P.MsgType.WELCOME, {
             "session": self.session_id, **self.codec_settings(), "fedavg_every": self.cfg.fedavg_every,
-            "last_step": s.last_step, "server_step": self.server_step,
+            "last_step": s.last_step, "server_step": self.server_step, "client_files": ours,
         })
 
     def _check_partition(self, cid: int, info: Any) -> None:

@@ -314,6 +314,7 @@ class EdgeClient:
             "planned_steps": self.planned_steps, "partition": self.partition_info,
             # the cloud refuses a fresh run whose client id already has steps, before touching that id's state
             "fresh": not self._welcomed and not self.cfg.resume,
+            "client_files": mf.client_digest(m),  # which export this edge half comes from
         }
         deadline = time.monotonic() + self.cfg.give_up_s
         wait = 1.0
@@ -340,6 +341,11 @@ class EdgeClient:
             self.fwd_codec = codec
         self.settings = {"codec": h["codec"], "grad_codec": h["grad_codec"]}
         self.fedavg_every = h["fedavg_every"]
+        theirs = h.get("client_files")
+        if not self._welcomed and isinstance(theirs, str) and theirs != mf.client_digest(self.manifest):
+            log.warning("the cloud serves another export of %s cut %d (the client/ files of its artifacts differ from "
+                        "--artifacts %s): fine if this edge half was re-exported on purpose; otherwise the two halves "
+                        "do not start from one model", self.manifest.model, self.manifest.cut, self.cfg.artifacts)
         first, self._welcomed = not self._welcomed, True
         if first and not self.cfg.resume and h["last_step"] > 0:
             # the skip below is for a run that continues (--resume after a crash, a HELLO again after the

@@ -25,10 +25,12 @@ HELLO        1     edge->cloud  client_id, num_clients, model, cut, activation_s
                                 [partition {plan, digest, numpy}: see runtime_edge.data.
                                 partition_fingerprint; edges with one plan must agree],
                                 [fresh: true for a run's first HELLO without --resume:
-                                refused (client_id_taken) if the id already has steps]
+                                refused (client_id_taken) if the id already has steps],
+                                [client_files: export.manifest.client_digest of the edge half]
 WELCOME      2     cloud->edge  session, codec {name, params}, grad_codec {name, params},  0
                                 fedavg_every, last_step (steps already applied for
-                                this client id), server_step
+                                this client id), server_step, [client_files: the cloud's
+                                artifacts' client_digest; each side warns if they differ]
 TRAIN        3     edge->cloud  step, n, round, total_rounds, encode_ms                    2: activation payload,
                                                                                            labels int64[n]
 GRAD         4     cloud->edge  step, loss, correct, fedavg_round (or null), timings       1: gradient payload

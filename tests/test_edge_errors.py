@@ -428,3 +428,26 @@ def test_summary_replaces_an_earlier_summary_but_never_another_file(art, tmp_pat
     earlier.write_text(json.dumps({"client_id": 0, "final_accuracy": 0.5, "steps": 3}))
     res = _edge(art, "--steps", "1", "--summary", str(earlier))  # accepted: fails later, at the connection
     _clean(res, 1, "did not answer HELLO")
+
+
+def test_halves_of_different_exports_are_named_on_both_sides(art, exported, cloud, tmp_path):
+    """An edge half exported separately (same model, cut and shapes, another seed) trains against the
+    cloud -- re-exporting one half can be deliberate -- but both sides warn that the halves do not come
+    from one export; an edge of the cloud's own export gets no such warning."""
+    other = exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02, seed=1)
+    port = cloud("--codec", "uq", "--bits", "4")
+    res = _edge(other, "--steps", "1", port=port)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the cloud serves another export of resnet18 cut 3" in res.stderr
+    same = _edge(art, "--steps", "1", "--client-id", "1", "--num-clients", "2", port=port)
+    assert same.returncode == 0 and "another export" not in same.stderr, same.stderr[-3000:]
+    differ = {e["client"] for e in launch.read_jsonl(tmp_path / "metrics.jsonl") if e["event"] == "artifacts_differ"}
+    assert differ == {0}, "once per HELLO of the other export's edge (a retried HELLO counts again), never client 1"
+    assert "trains the edge half of another export" in (tmp_path / "cloud.log").read_text()
+    # a board's bundle lists only client/ in its manifest: the same export still matches
+    from splitedge.export import manifest as mf
+    from splitedge.profiles.bundle import _artifact_entries
+
+    entries, _ = _artifact_entries(art)
+    narrowed = mf.Manifest.from_dict(json.loads(entries["artifacts/manifest.json"]))
+    assert mf.client_digest(narrowed) == mf.client_digest(mf.load(art)) != mf.client_digest(mf.load(other))
