@@ -35,6 +35,8 @@ import click
 import numpy as np
 
 from ..errors import FiniteFloat, UserError
+from ..export.cli import InputShape
+from ..export.zoo_names import MODEL_NAMES, check_cut
 from ..fsutil import check_writable_file
 
 
@@ -49,13 +51,6 @@ class SimClient:
     sent_at: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     server_ms: list[float] = field(default_factory=list)
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    parts = tuple(int(v) for v in text.strip().lower().split("x"))
-    if len(parts) != 3 or min(parts) < 1:
-        raise ValueError(text)
-    return parts  # type: ignore[return-value]
 
 
 def _wait_for_cloud(ctx, endpoint: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
@@ -257,11 +252,12 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
 @click.option("--codec", default="uq", show_default=True, help="Codec of the activations and gradients.")
 @click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Bits of the codec (ignored by codecs without a bit width).")
-@click.option("--model", default="resnet18", show_default=True,
-              help="Zoo model to export (e.g. resnet18, mobilenet_v2, shufflenet_v2_x1_0).")
-@click.option("--cut", type=int, default=3, show_default=True, help="Cut index of the exported model.")
-@click.option("--input-shape", default="1x16x16", show_default=True,
-              help="Input shape CxHxW of the exported model (small, so that one server step is short).")
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="resnet18", show_default=True,
+              help="Zoo model to export.")
+@click.option("--cut", default="3", show_default=True, metavar="N|NAME",
+              help="Cut of the exported model: an index or a unit name (export-client --list-cuts).")
+@click.option("--input-shape", type=InputShape(), default="1,16,16", show_default=True,
+              help="Input shape C,H,W (or CxHxW) of the exported model (small, so that one server step is short).")
 @click.option("--artifacts", type=click.Path(file_okay=False, exists=True), default=None,
               help="Use these exported artifacts instead of exporting --input-shape to a temporary directory.")
 @click.option("--cloud-threads", type=click.IntRange(min=0), default=1, show_default=True,
@@ -278,10 +274,11 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
     if codec not in sc.available():
         raise click.BadParameter(f"unknown codec {codec!r}; available: {', '.join(sc.available())}", param_hint="--codec")
     bits_or_none = bits if "bits" in sc.get(codec).params else None
+    shape = input_shape
     try:
-        shape = _shape(input_shape)
-    except ValueError:
-        raise click.BadParameter(f"{input_shape!r}: write CxHxW, e.g. 1x16x16", param_hint="--input-shape") from None
+        check_cut(model, cut)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cut") from None
     if artifacts is not None:
         from ..export import manifest as mf
 
@@ -300,7 +297,7 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
             from ..export import onnx_export as oe
 
             artifacts = work / "artifacts"
-            click.echo(f"exporting {model} cut {cut} for {input_shape} to a temporary directory ...")
+            click.echo(f"exporting {model} cut {cut} for {'x'.join(map(str, shape))} to a temporary directory ...")
             try:
                 oe.export(oe.ExportRequest(model, cut, input_shape=shape, out=str(artifacts)))
             except (ValueError, oe.ExportError) as e:

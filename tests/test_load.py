@@ -37,7 +37,10 @@ def test_one_cloud_holds_32_clients_without_errors(tmp_path):
 def test_bench_load_rejects_bad_arguments():
     res = subprocess.run([bin_path("splitedge"), "bench", "load", "--input-shape", "16x16"], capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 2 and "CxHxW" in res.stderr
+    assert res.returncode == 2 and "must be three positive integers C,H,W" in res.stderr, res.stderr
+    res = subprocess.run([bin_path("splitedge"), "bench", "load", "--cut", "layer9"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "unknown cut 'layer9'" in res.stderr, res.stderr
     res = subprocess.run([bin_path("splitedge"), "bench", "load", "--codec", "nosuch"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "available" in res.stderr
