@@ -157,7 +157,7 @@ class EdgeClient:
             if latest is None:
                 log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
                             "starts from its initial weights", self.ckpt.root)
-            if latest is not None:
+            else:
                 ckpt_file = latest / "edge_checkpoint"
                 self.progress, resumed_run = _load_progress(latest / "edge_progress.json")
                 if resumed_run is not None:  # the artifacts must be the ones the checkpoint was trained from
@@ -721,7 +721,8 @@ _RESUME_WHAT = {
     "client_id": "--client-id", "batch_size": "--batch-size", "data": "--data", "partition": "--partition",
     "seed": "--seed", "num_clients": "--num-clients",
 }
-_PLAN = "partition_plan"  # a digest of the shard plan: differs also when only the data set's contents do
+_PLAN = "partition_plan"  # a digest of the shard plan (data contents, --partition, --seed, --num-clients)
+_PLAN_INPUTS = ("data", "partition", "seed", "num_clients")  # named when the plan differs, not compared alone
 
 
 def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
@@ -730,14 +731,24 @@ def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
 
 
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> None:
-    """ResumeMismatch naming each setting in which ``now`` differs from the checkpoint's run ``saved``."""
-    diff = ["--artifacts (their files differ)" if k == "artifacts" else
-            f"{_RESUME_WHAT[k]} ({json.dumps(saved[k])} there, {json.dumps(v)} here)"
-            for k, v in now.items() if k in _RESUME_WHAT and k in saved and saved[k] != v]
-    if not diff and _PLAN in saved and _PLAN in now and saved[_PLAN] != now[_PLAN]:
-        named = [k for k in ("data", "partition", "seed", "num_clients") if k in saved]
-        diff = ["data: the same --data, --partition, --seed and --num-clients split other samples (the data set's "
-                "files changed)" if named else "the data set, --partition, --seed or --num-clients"]
+    """ResumeMismatch naming each setting in which ``now`` differs from the checkpoint's run ``saved``.
+
+    The shard plan decides whether the data settings match (``--data fashion-mnist`` and the same
+    directory spelled out are one plan); when it differs, the settings behind it are named."""
+    def shown(k: str) -> str:
+        return "--artifacts (their files differ)" if k == "artifacts" else \
+            f"{_RESUME_WHAT[k]} ({json.dumps(saved[k])} there, {json.dumps(now[k])} here)"
+
+    diff = [shown(k) for k in now if k in _RESUME_WHAT and k not in _PLAN_INPUTS and k in saved and saved[k] != now[k]]
+    if _PLAN in saved and _PLAN in now and saved[_PLAN] != now[_PLAN]:
+        named = [shown(k) for k in _PLAN_INPUTS if k in saved and k in now and saved[k] != now[k]]
+        if named:
+            diff += named
+        elif any(k in saved for k in _PLAN_INPUTS):
+            diff.append("data: the same --data, --partition, --seed and --num-clients split other samples (the data "
+                        "set's files changed)")
+        else:  # a checkpoint of an earlier version, which kept only the plan
+            diff.append("the data set, --partition, --seed or --num-clients")
     if diff:
         raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with a different "
                              f"{'; '.join(diff)}; resume with the same arguments, or start fresh with another "

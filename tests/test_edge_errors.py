@@ -394,6 +394,8 @@ def test_resume_mismatch_names_each_difference_and_falls_back_to_the_shard_plan(
         _check_resume(run, {**run, "seed": 3, "num_clients": 4, "partition_plan": "p2"}, "ck")
     with pytest.raises(ResumeMismatch, match="the data set's files changed"):
         _check_resume(run, {**run, "partition_plan": "p2"}, "ck")
+    # the same data spelled otherwise is the same plan: accepted
+    _check_resume(run, {**run, "data": "fashion-mnist:/usr/share/datasets/fashion-mnist"}, "ck")
     older = {k: v for k, v in run.items() if k not in ("data", "partition", "seed", "num_clients")}
     with pytest.raises(ResumeMismatch, match="the data set, --partition, --seed or --num-clients"):
         _check_resume(older, {**run, "seed": 3, "partition_plan": "p2"}, "ck")
