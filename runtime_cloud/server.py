@@ -131,6 +131,7 @@ class CloudServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.manifest = mf.load(cfg.artifacts)
+        self.client_files = mf.client_digest(self.manifest)  # the edge half's export, compared at each HELLO
         # settings are validated once here, so a bad --codec fails at start, not at the first client
         sc.get(cfg.codec, **cfg.codec_params)
         sc.get(self.grad_codec_name, **self.grad_codec_params)
@@ -416,16 +417,15 @@ class CloudServer:
         log.info("client %d joined (%d samples, its step %d, applied here %d)", cid, s.samples, h["resume_step"], s.last_step)
         self.metrics.write("client_joined", client=cid, samples=s.samples, last_step=s.last_step,
                            resume_step=h["resume_step"])
-        ours = mf.client_digest(self.manifest)
         theirs = h.get("client_files")
-        if isinstance(theirs, str) and theirs != ours:
+        if isinstance(theirs, str) and theirs != self.client_files:
             log.warning("client %d trains the edge half of another export of %s cut %d (its client/ files differ "
                         "from these artifacts'): fine if it was re-exported on purpose; otherwise the two halves do "
                         "not start from one model", cid, m.model, m.cut)
             self.metrics.write("artifacts_differ", client=cid)
         self._send(identity, P.MsgType.WELCOME, {
             "session": self.session_id, **self.codec_settings(), "fedavg_every": self.cfg.fedavg_every,
-            "last_step": s.last_step, "server_step": self.server_step, "client_files": ours,
+            "last_step": s.last_step, "server_step": self.server_step, "client_files": self.client_files,
         })
 
     def _check_partition(self, cid: int, info: Any) -> None:
