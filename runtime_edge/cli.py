@@ -49,7 +49,8 @@ class Partition(click.ParamType):
               help="Evaluate on the first N test samples (0: all).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Evaluation batch size.")
 @click.option("--summary", type=click.Path(dir_okay=False), default=None,
-              help="Write a JSON summary (accuracy, steps, samples, bytes sent/received, wall time, codec) here.")
+              help="Write a JSON summary (accuracy, steps, samples, bytes sent/received, wall time, codec) here "
+                   "(an earlier summary is replaced; any other existing file is refused).")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Edge learning rate [default: the one in the manifest].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
