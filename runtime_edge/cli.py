@@ -61,7 +61,9 @@ class Partition(click.ParamType):
               help="Checkpoint every N steps (and at the end).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
               help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in --checkpoint-dir (which must exist; one without a "
+                   "checkpoint yet starts from the initial weights, skipping the steps the cloud applied).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
 @click.option("--profile", type=ProfileParam(as_string=True), default=None,
