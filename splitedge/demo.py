@@ -111,7 +111,7 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
     spec = launch.RunSpec(wd / "run", wd / "artifacts", clients, cloud_args, edge_args, timeout_s=timeout)
 
     tty = sys.stdout.isatty()
-    last = [0.0]
+    last = [0.0, ""]  # when, and what, the last progress line said
 
     def status(events) -> str | None:
         steps_done = [e for e in events if e.get("event") == "step"]
@@ -127,7 +127,7 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         line = status(events)
         if line is None:
             return
-        last[0] = now
+        last[0], last[1] = now, line
         click.echo(("\r" + line + "   ") if tty else line, nl=not tty)
 
     click.echo("[3/4] training")
@@ -137,8 +137,10 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         raise click.ClickException(str(e)) from None
     events = result.metrics()
     final = status(events)  # the last tick may be older than the last steps
-    if final is not None:
-        click.echo(("\r" + final + "   ") if tty else final)
+    if tty:
+        click.echo(("\r" + final + "   ") if final is not None else "")
+    elif final is not None and final != last[1]:
+        click.echo(final)
     t = launch.traffic(events)
     accs = [s["final_accuracy"] for s in result.summaries]
     click.echo(f"[4/4] done in {time.monotonic() - t0:.0f}s")
