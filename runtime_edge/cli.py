@@ -156,10 +156,11 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         # onnxruntime's training build imports torch, whose INFO lines (e.g. "FakeTensor cache stats" at
         # exit) are not this program's: keep them out of the INFO level set for edge-train's own log
         logging.getLogger("torch").setLevel(logging.WARNING)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         client = EdgeClient(cfg)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
+        for sig, handler in previous.items():
+            if handler is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
                 signal.signal(sig, client.request_stop)
         result = client.run()
     except Interrupted as e:
@@ -174,6 +175,9 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         raise click.ClickException(str(e)) from None
     except (P.ProtocolError, PayloadError) as e:  # a message from the cloud that breaks the protocol
         raise click.ClickException(f"the cloud sent a malformed message: {e}") from None
+    finally:  # main() may run inside another program (tests, a notebook): leave its handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _echo_result(result)
 
 

@@ -304,10 +304,13 @@ def test_a_late_summary_write_failure_names_the_option_and_keeps_the_result(tmp_
 
     monkeypatch.setattr(client, "EdgeClient", Stub)
     monkeypatch.setenv("SPLITEDGE_NO_LOG_SETUP", "1")
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     res = CliRunner().invoke(cli.main, ["--artifacts", str(tmp_path), "--data", SYNTH, "--steps", "1"])
     assert res.exit_code == 1, res.output
     assert json.loads(res.stdout.splitlines()[0])["steps"] == 7
     assert "--summary x could not be written" in res.output
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers, \
+        "edge-train's main() gives back the signal handlers it found (it may run inside another program)"
 
 
 # ---------------------------------------------------------------------------- 7. bad input is exit code 2
