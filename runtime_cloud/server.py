@@ -85,6 +85,7 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     done: bool = False
     timed_out: bool = False
+    stopped_at: float | None = None  # when it said BYE "interrupted" (it may --resume)
     errors: deque = field(default_factory=deque)  # times of recent bad messages
     fedavg_round: int = 0  # the last FedAvg round this client sent weights for
     bytes_in: int = 0
@@ -239,7 +240,11 @@ class CloudServer:
         if self.cfg.exit_when_done and self.cfg.expect_clients:
             done = sum(1 for s in self.by_client.values() if s.done)
             gone = sum(1 for s in self.by_client.values() if s.timed_out)
-            if done + gone >= self.cfg.expect_clients and not any(s.active for s in self.by_client.values()):
+            # an interrupted client gets --client-timeout to come back, as a silent one does
+            returning = any(s.timed_out and s.stopped_at is not None and now - s.stopped_at < self.cfg.client_timeout_s
+                            for s in self.by_client.values())
+            if done + gone >= self.cfg.expect_clients and not returning and \
+                    not any(s.active for s in self.by_client.values()):
                 log.info("all %d expected clients finished (%d of them timed out)", done + gone, gone)
                 self._stop = True
 
@@ -615,6 +620,15 @@ class CloudServer:
 
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         s = self._session(identity)
+        if msg.header["reason"] == "interrupted":
+            # stopped by its user, with a checkpoint: its place and FedAvg rounds are freed at once (as after
+            # --client-timeout), its progress stays for --resume; no reply (the edge is gone)
+            s.timed_out, s.stopped_at = True, time.monotonic()
+            log.info("client %d stopped after %d steps (interrupted); its place is free until it resumes",
+                     s.client_id, msg.header["steps"])
+            self.metrics.write("client_stopped", client=s.client_id, steps=msg.header["steps"], applied=s.last_step)
+            self._complete_rounds()
+            return
         s.done = True
         s.cached = None  # a finished client sends no retries: free its last reply
         self.progress[s.client_id] = self._progress_entry(s, done=True)

@@ -447,7 +447,9 @@ class EdgeClient:
             where = f"; its checkpoint is in {self.ckpt.root}: run the same command with --resume to continue"
         elif p.step > 0:
             where = "; without --checkpoint-dir there is no checkpoint to continue from"
-        self.ep.close(linger_ms=0)
+        if self._welcomed:  # free this edge's place on the cloud now, not after --client-timeout (no reply awaited)
+            self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+        self.ep.close(linger_ms=500)
         return Interrupted(f"stopped by {name} after step {p.step} of {self.planned_steps}{where}",
                            128 + int(self.stop_signal or 0))
 

@@ -41,7 +41,8 @@ WEIGHTS      7     edge->cloud  round, samples, names, shapes                   
 WEIGHTS_AVG  8     cloud->edge  round, names, shapes, clients                              one float32 array per name
 ERROR        9     both         code, message, re (the type name of the message it         0
                                 answers, null if unparsable), [step, expected_step]
-BYE          10    edge->cloud  reason, steps                                              0
+BYE          10    edge->cloud  reason ("interrupted": the edge stopped and may --resume:     0
+                                its place is freed, its progress kept, no BYE_ACK), steps
 BYE_ACK      11    cloud->edge  (empty)                                                    0
 PING         12    both         t                                                          0
 PONG         13    both         t                                                          0

@@ -238,6 +238,30 @@ def test_an_interrupted_edge_saves_a_checkpoint_and_resumes_without_losing_a_ste
     assert sorted(steps) == list(range(1, planned + 1)) and set(steps.values()) == {1}
 
 
+def test_an_interrupted_edge_frees_its_place_on_the_cloud_at_once(art, tmp_path):
+    """With --max-clients 1, a second edge waited for --client-timeout after the first one was
+    stopped with Ctrl-C. The stopped edge now says BYE "interrupted": its place is free at once,
+    its progress kept (it resumes where the cloud left it)."""
+    port = launch.free_port()
+    cloud = _cloud(art, port, tmp_path, "--max-clients", "1", "--client-timeout", "300")
+    first = _edge(art, port, tmp_path, 0, 2, "--steps", "200", "--checkpoint-dir", str(tmp_path / "ck0"))
+    second = None
+    try:
+        _wait_for(lambda: sum(e["event"] == "step" for e in _events(tmp_path)) >= 5, 240, "5 steps", [cloud, first])
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130, _tail(tmp_path / "edge-0.log")
+        t0 = time.monotonic()
+        second = _edge(art, port, tmp_path, 1, 2, "--steps", "3")
+        assert second.wait(timeout=120) == 0, _tail(tmp_path / "edge-1.log")
+        assert time.monotonic() - t0 < 100, "the second edge did not wait for --client-timeout (300 s)"
+        assert "server_full" not in (tmp_path / "edge-1.log").read_text()
+        stopped = [e for e in _events(tmp_path) if e["event"] == "client_stopped"]
+        assert [e["client"] for e in stopped] == [0] and stopped[0]["steps"] >= 5
+        assert not [e for e in _events(tmp_path) if e["event"] == "client_done" and e["client"] == 0]
+    finally:
+        _stop(*(p for p in (first, second, cloud) if p is not None))
+
+
 # ---------------------------------------------------------------------------- damaged checkpoint directories
 
 
