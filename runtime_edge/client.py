@@ -177,6 +177,7 @@ class EdgeClient:
             raise EdgeError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
                             "--checkpoint-dir") from None
         self.manifest = self.model.manifest
+        self.client_files = mf.client_digest(self.manifest)  # which export this edge half comes from (HELLO)
         # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
         size = {"image_size": tuple(self.manifest.input_shape[1:])} if len(self.manifest.input_shape) == 3 else {}
         self.train_set = D.load(cfg.data, split="train", **size)
@@ -314,7 +315,7 @@ class EdgeClient:
             "planned_steps": self.planned_steps, "partition": self.partition_info,
             # the cloud refuses a fresh run whose client id already has steps, before touching that id's state
             "fresh": not self._welcomed and not self.cfg.resume,
-            "client_files": mf.client_digest(m),  # which export this edge half comes from
+            "client_files": self.client_files,
         }
         deadline = time.monotonic() + self.cfg.give_up_s
         wait = 1.0
@@ -342,7 +343,7 @@ class EdgeClient:
         self.settings = {"codec": h["codec"], "grad_codec": h["grad_codec"]}
         self.fedavg_every = h["fedavg_every"]
         theirs = h.get("client_files")
-        if not self._welcomed and isinstance(theirs, str) and theirs != mf.client_digest(self.manifest):
+        if not self._welcomed and isinstance(theirs, str) and theirs != self.client_files:
             log.warning("the cloud serves another export of %s cut %d (the client/ files of its artifacts differ from "
                         "--artifacts %s): fine if this edge half was re-exported on purpose; otherwise the two halves "
                         "do not start from one model", self.manifest.model, self.manifest.cut, self.cfg.artifacts)

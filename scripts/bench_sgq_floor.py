@@ -21,21 +21,10 @@ shows how much of the encode is the assignment every stripe needs, whatever the 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
-
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+from splitedge.runtime_edge.bench import _median_ms as median_ms
 
 
 def activation(rng: np.random.Generator) -> np.ndarray:
