@@ -136,3 +136,15 @@ def test_bench_codecs_rejects_bad_options():
     assert res.exit_code == 2
     res = runner.invoke(main, ["bench", "codecs", "--help"])
     assert res.exit_code == 0 and "--edge-step" in res.output and "--json" in res.output
+
+
+def test_fp16_cast_benchmark_runs_and_finds_numpys_cast_bit_identical():
+    """scripts/bench_fp16_cast.py backs docs/codecs.md's fp16 figures; it asserts the codec's conversion and
+    numpy's cast bit-identical (every finite half code; three value ranges) and exits non-zero otherwise."""
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_fp16_cast.py"), "--repeat", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "decode: bit-identical on every finite half code (63488)" in res.stdout
+    rows = [ln.split() for ln in res.stdout.splitlines() if ln.split()[-6:-5] in (["encode"], ["decode"])]
+    assert len(rows) == 6 and all(float(r[-1]) > 0 for r in rows), res.stdout
