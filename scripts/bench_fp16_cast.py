@@ -81,8 +81,8 @@ def main() -> None:
         assert np.array_equal(h, numpy_to_half(x)), "encode differs"
         assert np.array_equal(fp.from_half(h).view(np.uint32), numpy_from_half(h).view(np.uint32)), "decode differs"
         gb = x.nbytes / 1e9
-        for op, codec, numpy_ in (("encode", lambda: fp.to_half(x), lambda: numpy_to_half(x)),
-                                  ("decode", lambda: fp.from_half(h), lambda: numpy_from_half(h))):
+        for op, codec, numpy_ in (("encode", lambda x=x: fp.to_half(x), lambda x=x: numpy_to_half(x)),
+                                  ("decode", lambda h=h: fp.from_half(h), lambda h=h: numpy_from_half(h))):
             t_codec, t_numpy = median_ms(codec, args.repeat), median_ms(numpy_, args.repeat)
             print(f"{label:>16} {op:>6} {t_codec:9.3f} {t_numpy:9.3f} {gb / t_codec * 1e3:10.2f} "
                   f"{gb / t_numpy * 1e3:10.2f} {t_numpy / t_codec:11.2f}")

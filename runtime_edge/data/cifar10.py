@@ -263,7 +263,7 @@ def _resolve(obj: object, depth: int = 0) -> object:
     """Replaces stand-ins by numpy objects and checks every value is plain data (bounded depth)."""
     if depth > _MAX_DEPTH:
         raise UnsafePickleError(f"pickle nests containers more than {_MAX_DEPTH} deep")
-    if isinstance(obj, _SCALARS) or isinstance(obj, np.ndarray):
+    if isinstance(obj, (*_SCALARS, np.ndarray)):
         return obj
     if isinstance(obj, _PendingArray):
         if obj.array is None:
