@@ -565,12 +565,15 @@ GOOD_ARRAY_HEAD = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarra
         (b"\x80\x02K\x01Q.", "refusing a persistent id"),
         (b"\x80\x02\x82\x01.", "malformed pickle: ValueError: unregistered extension code 1"),
         (b"\x80\x02(K\x01K\x02\x8f.", "refusing a set"),
-        (b"\x80\x02T\xff\xff\xff\x7fab.", "malformed pickle: .*truncated"),
+        (b"\x80\x02T\xff\xff\xff\x7fab.", "malformed pickle: .*expected 2147483647 bytes .* but only 3 remain"),
         (b"\x80\x02}q\x01", "malformed pickle"),
         (b"\x80\x02h\x05.", "malformed pickle: .*[Mm]emo"),
         (b"\x80\x02cnumpy\ndtype\n.", "returns the global numpy.dtype"),
+        (b"\x80\x02Nr\xff\xff\xff\xff.", "refusing memo index 4294967295 at offset 3"),
+        (b"(lp0\nI1\nap999999999\n.", "refusing memo index 999999999"),
     ],
-    ids=["eval", "subclass", "object-dtype", "structured-dtype", "short-data", "build-dict", "call-list", "codecs", "copy_reg", "newobj", "persid", "ext", "set", "truncated", "no-stop", "memo", "bare-global"],
+    ids=["eval", "subclass", "object-dtype", "structured-dtype", "short-data", "build-dict", "call-list", "codecs", "copy_reg", "newobj", "persid", "ext", "set", "truncated", "no-stop", "memo", "bare-global",
+         "memo-index-64GiB", "memo-index-text"],
 )
 def test_safe_unpickle_refuses_everything_else(blob, message):
     with pytest.raises(D.UnsafePickleError, match=message):

@@ -20,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,36 @@ def _resolve(obj: object, depth: int = 0) -> object:
     raise UnsafePickleError(f"refusing a {type(obj).__name__}: only plain data and numpy arrays are allowed")
 
 
+def _scan(data: bytes) -> tuple[int, Exception] | None:
+    """Walks the opcodes (:func:`pickletools.genops` decodes, it executes nothing) before loading.
+
+    Memo indices must come in sequence, as every pickler writes them: the C unpickler sizes its memo
+    table by the largest index it is given, so a 9-byte pickle could otherwise make it allocate and
+    clear 64 GiB. Returns None, or (offset, error) when the opcodes stop decoding at ``offset``:
+    only the part before it is handed to the unpickler, so that the first problem in the stream
+    (e.g. a refused global) is the one reported.
+    """
+    f = io.BytesIO(data)
+    puts = good_end = 0
+    try:
+        for op, arg, pos in pickletools.genops(f):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if not isinstance(arg, int) or not 0 <= arg <= puts + 1:
+                    raise UnsafePickleError(
+                        f"refusing memo index {arg} at offset {pos}: after {puts} memo entries the next index "
+                        f"is at most {puts + 1}"
+                    )
+                puts += 1
+            elif op.name == "MEMOIZE":
+                puts += 1
+            good_end = f.tell()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or hostile file, reported after the unpickler's view
+        return good_end, e
+    return None
+
+
 def safe_unpickle(data: bytes) -> object:
     """Loads a pickle of plain data and numpy arrays of plain numeric dtypes, importing nothing it names.
 
@@ -301,7 +332,8 @@ def safe_unpickle(data: bytes) -> object:
     state ``(1, shape, dtype, is_fortran, raw_bytes)``; ``dtype(typestr, False,
     True)`` for numeric typestrs plus a state without fields; the array is made
     by :func:`numpy.frombuffer` after its byte count is checked, and all arrays
-    together may not hold more bytes than the pickle. Then the result is
+    together may not hold more bytes than the pickle. Memo indices are checked
+    to come in sequence before loading starts (:func:`_scan`). Then the result is
     walked: only ``dict``, ``list``, ``tuple``, ``str``, ``bytes``, ``int``,
     ``float``, ``bool``, ``None`` and those arrays pass. Anything else, or a
     malformed pickle, raises :class:`UnsafePickleError` naming it.
@@ -312,13 +344,20 @@ def safe_unpickle(data: bytes) -> object:
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     if len(data) > MAX_BATCH_BYTES:
         raise UnsafePickleError(f"pickle of {len(data)} bytes exceeds the {MAX_BATCH_BYTES}-byte limit")
+    bad = _scan(data)
     try:
-        obj = _Loader(data).load()
+        obj = _Loader(data if bad is None else data[: bad[0]]).load()
     except UnsafePickleError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a hostile or damaged file is reported as such
-        raise UnsafePickleError(f"malformed pickle: {type(e).__name__}: {str(e)[:200]}") from None
+        raise _malformed(bad[1] if bad is not None else e) from None
+    if bad is not None:  # cannot happen (the part before a decoding error holds no STOP), but never load past it
+        raise _malformed(bad[1])
     return _resolve(obj)
+
+
+def _malformed(e: Exception) -> UnsafePickleError:
+    return UnsafePickleError(f"malformed pickle: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _field(d: Mapping[Any, Any], key: str, path: Path) -> Any:
