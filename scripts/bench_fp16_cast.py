@@ -2,10 +2,10 @@
 
 Run:  .venv/bin/python scripts/bench_fp16_cast.py [--repeat 50] [--exhaustive]
 
-Prints, measured in one process (medians of --repeat runs, in ms and GB/s of float32), for a
-32x64x16x16 activation (ResNet-18 cut 3, batch 32) of three kinds of values: N(0, 1) (no
-zeros), ReLU'd N(0, 1) as activations are (half of them zeros), and a wide range (2^-26 ..
-2^16, many subnormal halves and saturated values):
+Prints, measured in one process (medians of --repeat runs, the two timed alternately; ms and
+GB/s of float32), for a 32x64x16x16 activation (ResNet-18 cut 3, batch 32) of three kinds of
+values: N(0, 1) (no zeros), ReLU'd N(0, 1) as activations are (half of them zeros), and a wide
+range (2^-26 .. 2^16, many subnormal halves and saturated values):
 
 * encode: ``codecs.fp.to_half`` (round to nearest even on the float32 bits) against clipping to
   +-65504 and numpy's float32 -> float16 cast (``numpy_to_half`` below);
@@ -36,14 +36,16 @@ def numpy_from_half(h: np.ndarray) -> np.ndarray:
     return h.view(np.float16).astype(np.float32)
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ms_pair(a, b, repeat: int) -> tuple[float, float]:
+    """Medians (ms) of ``a`` and ``b``, timed alternately so that a shared machine's load hits both alike."""
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3
 
 
 def exhaustive_encode_check() -> None:
@@ -83,7 +85,7 @@ def main() -> None:
         gb = x.nbytes / 1e9
         for op, codec, numpy_ in (("encode", lambda x=x: fp.to_half(x), lambda x=x: numpy_to_half(x)),
                                   ("decode", lambda h=h: fp.from_half(h), lambda h=h: numpy_from_half(h))):
-            t_codec, t_numpy = median_ms(codec, args.repeat), median_ms(numpy_, args.repeat)
+            t_codec, t_numpy = median_ms_pair(codec, numpy_, args.repeat)
             print(f"{label:>16} {op:>6} {t_codec:9.3f} {t_numpy:9.3f} {gb / t_codec * 1e3:10.2f} "
                   f"{gb / t_numpy * 1e3:10.2f} {t_numpy / t_codec:11.2f}")
     if args.exhaustive:
