@@ -191,10 +191,3 @@ def parse(blob: bytes | bytearray | memoryview, max_bytes: int | None = None) ->
         secs.append(mv[off : off + ln])
         off += ln
     return Header(fver, cid, cver, DTYPE_CODES[dcode], shape, params, tuple(secs))
-
-
-def peek_codec(blob: bytes) -> str | None:
-    """The codec name a payload claims (no validation); None if it is not recognisable."""
-    if len(blob) < HEADER_BYTES or bytes(blob[:4]) != MAGIC:
-        return None
-    return CODEC_NAMES.get(blob[5])

@@ -10,7 +10,9 @@ fp16 interpretation: values beyond the half range are saturated to +-65504 (the 
 finite half) instead of becoming infinities; below the smallest half subnormal 2^-24 values round
 like the rest: |x| <= 2^-25 becomes (signed) zero, 2^-25 < |x| < 2^-24 becomes +-2^-24;
 rounding is IEEE round-to-nearest-even, done with integer operations on the float32
-bits (numpy's own float16 cast runs at ~0.7 GB/s here; the results are identical).  Error bound for |x| <= 65504:
+bits. The results are bit-identical to clipping and numpy's float16 cast, which is slower here: it
+is slow on zeros and subnormal halves, and ReLU activations are half zeros, gradients small
+(``scripts/bench_fp16_cast.py`` times both and checks them equal; figures in docs/codecs.md).  Error bound for |x| <= 65504:
 |x - x_hat| <= 2^-11 |x| + 2^-25.
 """
 
@@ -22,7 +24,6 @@ from . import format as fmt
 from .base import Codec, check_finite, expect_sections, f32, prod, read_struct
 
 _HALF_MAX = np.float32(65504.0)
-BLOCK = 1 << 18
 
 
 class FP32(Codec):

@@ -42,10 +42,6 @@ class Part(nn.Module):
             x = self.get_submodule(dotted)(x)
         return x
 
-    @property
-    def unit_names(self) -> list[str]:
-        return [d for d, _ in self._order]
-
 
 @dataclass(frozen=True)
 class CutInfo:

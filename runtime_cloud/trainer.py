@@ -9,7 +9,6 @@ activation is what the cloud returns (after the codec's backward rule).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +87,6 @@ class StepResult:
     loss: float
     correct: int
     grad: np.ndarray  # dL/d(activation), float32, the activation's shape
-    compute_ms: float
 
 
 def check_device(name: str) -> torch.device:
@@ -166,7 +164,6 @@ class ServerModel:
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> StepResult:
         """One SGD step on one batch. Raises :class:`StepRefused` -- with nothing applied -- when the
         model cannot train on the batch or its loss or gradients are not finite (e.g. huge activations)."""
-        t0 = time.perf_counter()
         x = torch.from_numpy(np.array(activation, dtype=np.float32, copy=True)).to(self.device).requires_grad_(True)
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.model.train()
@@ -195,7 +192,7 @@ class ServerModel:
         self.steps += 1
         correct = int((logits.detach().argmax(1) == y).sum())
         grad = x.grad.detach().to("cpu").numpy().astype(np.float32, copy=False)
-        return StepResult(float(loss.detach()), correct, grad, (time.perf_counter() - t0) * 1000)
+        return StepResult(float(loss.detach()), correct, grad)
 
     @torch.no_grad()
     def evaluate(self, activation: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, float | None]:

@@ -170,5 +170,5 @@ def generate_cmd(directory: str, clients: int) -> None:
                f"{d}/authorized_clients/")
     click.echo("\ncloud:  cloud-serve ... --curve-secret "
                f"{d}/server.key_secret --authorized-clients {d}/authorized_clients")
-    click.echo(f"edge i: edge-train ... --curve-secret client-<i>.key_secret --server-key server.key")
+    click.echo("edge i: edge-train ... --curve-secret client-<i>.key_secret --server-key server.key")
     click.echo("Copy each edge only its own client-<i>.key_secret and the server's public server.key.")

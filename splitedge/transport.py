@@ -12,7 +12,6 @@ import os
 import re
 import socket
 import stat
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +132,6 @@ def frame_len(f: Any) -> int:
 class Counters:
     bytes_out: int = 0
     bytes_in: int = 0
-    messages_out: int = 0
-    messages_in: int = 0
 
 
 class Endpoint:
@@ -161,7 +158,6 @@ class Endpoint:
         parts = ([identity] if self.router else []) + list(frames)
         self.sock.send_multipart(parts, copy=False)
         self.counters.bytes_out += n
-        self.counters.messages_out += 1
         return n
 
     def recv(self, timeout_ms: int | None) -> tuple[bytes | None, list[zmq.Frame]] | None:
@@ -177,7 +173,6 @@ class Endpoint:
         if self.link is not None:
             self.link.after_recv(n)
         self.counters.bytes_in += n
-        self.counters.messages_in += 1
         return identity, parts
 
     def try_send(self, frames: list[Any]) -> int | None:
@@ -190,7 +185,6 @@ class Endpoint:
         except zmq.Again:
             return None
         self.counters.bytes_out += n
-        self.counters.messages_out += 1
         return n
 
     def handshake_failure(self) -> str | None:
@@ -272,6 +266,3 @@ def client_socket(ctx: zmq.Context, connect: str, identity: bytes, *, max_messag
     ep.monitor = monitor
     return ep
 
-
-def monotonic_ms() -> float:
-    return time.perf_counter() * 1000.0

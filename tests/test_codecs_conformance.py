@@ -326,4 +326,3 @@ def test_header_layout_is_as_documented():
     assert blob[32] == 3  # uq's parameter block: the bit width
     assert struct.unpack_from("<I", blob, len(blob) - 4)[0] == zlib.crc32(blob[:-4])
     assert fmt.overhead(1, 2) == 45 and fmt.HEADER_BYTES == 32 and fmt.CRC_BYTES == 4
-    assert fmt.peek_codec(blob) == "uq"

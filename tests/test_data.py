@@ -169,8 +169,8 @@ def test_idx_dataset_rejects_labels_out_of_range_for_named_dataset(tmp_path):
 
 
 def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
-    # prepare: point the default at an empty location
-    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path / "absent")
+    # prepare: point the default (read by parse_spec, in data.spec) at an empty location
+    monkeypatch.setattr(D.spec, "FASHION_MNIST_DIR", tmp_path / "absent")
     # execute / assert
     with pytest.raises(D.DatasetError, match=r"sudo apt-get install dataset-fashion-mnist"):
         D.load("fashion-mnist", split="train")
@@ -339,12 +339,12 @@ def test_safe_unpickle_reads_the_official_python2_layout():
     assert out[b"filenames"] == d[b"filenames"]
 
 
-@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_safe_unpickle_reads_python3_repickled_batches(protocol):
-    # prepare: the same dict as Python 3 + numpy 2 pickle it
+    # prepare: the same dict as Python 3 + numpy 2 pickle it (protocol 5: numpy's _frombuffer form)
     d, data, labels = cifar_batch(20, 4, b"training batch 4 of 5")
     d[b"labels_np"] = np.array(labels, dtype=np.int64)
-    d["scalar"] = np.int64(7)
+    d[b"big_endian"] = np.arange(6, dtype=">f4").reshape(2, 3)
     d["meta"] = {"f": 1.5, "t": (1, None, True), "big": 2**70}
     blob = pickle.dumps(d, protocol=protocol)
     # execute
@@ -352,8 +352,17 @@ def test_safe_unpickle_reads_python3_repickled_batches(protocol):
     # assert
     np.testing.assert_array_equal(out[b"data"], data)
     np.testing.assert_array_equal(out[b"labels_np"], labels)
+    assert out[b"big_endian"].dtype == np.dtype("f4") and out[b"big_endian"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert out[b"labels"] == labels and out[b"filenames"] == d[b"filenames"]
-    assert out["scalar"] == 7 and out["meta"] == {"f": 1.5, "t": (1, None, True), "big": 2**70}
+    assert out["meta"] == {"f": 1.5, "t": (1, None, True), "big": 2**70}
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_python3_low_protocol_arrays_are_refused_by_name(protocol):
+    """Python 3 writes bytes at protocols 0-2 through _codecs.encode, which is not an array-reconstruct name."""
+    blob = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8)}, protocol=protocol)
+    with pytest.raises(D.UnsafePickleError, match=r"refusing global _codecs\.encode"):
+        D.safe_unpickle(blob)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "cifar-10-batches-py"])
@@ -401,6 +410,116 @@ def test_cifar10_rejects_malformed_batches(tmp_path):
         D.load(f"cifar10:{root}", split="test")
 
 
+def make_cifar_bin_dir(root: Path, n: int = 8, *, meta: bool = True) -> tuple[np.ndarray, ...]:
+    """The binary version: 3073-byte records (label byte + 3072 pixels) in data_batch_i.bin / test_batch.bin."""
+    root.mkdir(parents=True)
+    xs, ys = [], []
+    for i, name in enumerate([f"data_batch_{j}.bin" for j in range(1, 6)] + ["test_batch.bin"]):
+        _, data, labels = cifar_batch(n, 20 + i, b"")
+        (root / name).write_bytes(np.concatenate([np.array(labels, np.uint8)[:, None], data], axis=1).tobytes())
+        xs.append(data)
+        ys.append(np.array(labels))
+    if meta:
+        names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        (root / "batches.meta.txt").write_text("\n".join(names) + "\n\n")
+    return np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "cifar-10-batches-bin"])
+def test_cifar10_binary_version_loads_train_and_test(tmp_path, nested):
+    # prepare
+    root = tmp_path / "c"
+    x_train, y_train, x_test, y_test = make_cifar_bin_dir(root / "cifar-10-batches-bin" if nested else root)
+    # execute
+    train = D.load(f"cifar10:{root}", split="train")
+    test = D.load(f"cifar10:{root}", split="test", normalize=False)
+    # assert
+    assert train.images.shape == (40, 3, 32, 32) and test.images.shape == (8, 3, 32, 32)
+    np.testing.assert_array_equal(train.labels, y_train)
+    np.testing.assert_array_equal(test.labels, y_test)
+    assert train.classes[0] == "plane" and train.classes[9] == "truck"  # from batches.meta.txt
+    mean, std = np.array(D.NORMALIZATION["cifar10"].mean), np.array(D.NORMALIZATION["cifar10"].std)
+    expected = (x_train.reshape(40, 3, 32, 32) / 255.0 - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(train.images, expected, atol=1e-5)
+    np.testing.assert_allclose(test.images, x_test.reshape(8, 3, 32, 32) / 255.0, atol=1e-7)
+
+
+def test_cifar10_binary_and_python_versions_of_the_same_data_load_equal(tmp_path):
+    # prepare: both versions side by side, as after unpacking both archives into one folder
+    x_train, y_train, _, _ = make_cifar_dir(tmp_path / "c" / "cifar-10-batches-py", n=4)
+    bin_dir = tmp_path / "c" / "cifar-10-batches-bin"
+    bin_dir.mkdir()
+    for i in range(5):
+        rows = slice(4 * i, 4 * i + 4)  # the python version's batch i + 1
+        records = np.concatenate([y_train[rows].astype(np.uint8)[:, None], x_train[rows]], axis=1)
+        (bin_dir / f"data_batch_{i + 1}.bin").write_bytes(records.tobytes())
+    # execute: the binary version is preferred; the python one is read when it is alone
+    both = D.load(f"cifar10:{tmp_path / 'c'}", split="train")
+    py = D.load(f"cifar10:{tmp_path / 'c' / 'cifar-10-batches-py'}", split="train")
+    # assert
+    np.testing.assert_array_equal(both.images, py.images)
+    np.testing.assert_array_equal(both.labels, py.labels)
+    assert both.classes == py.classes == D.CIFAR10_CLASSES  # no batches.meta.txt: the standard names
+    (bin_dir / "data_batch_3.bin").unlink()
+    with pytest.raises(D.DatasetError, match="cifar-10-batches-bin has no data_batch_3.bin"):
+        D.load(f"cifar10:{tmp_path / 'c'}", split="train")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not-whole-records", "not a whole number of 3073-byte records"),
+        ("empty", "0 bytes is not a whole number"),
+        ("label-out-of-range", "record 1 has label 12; CIFAR-10 labels lie in 0..9"),
+        ("meta-nine-names", "expected 10 class names, one per line, found 9"),
+        ("too-large", "9219 bytes, over the 5000-byte limit"),
+    ],
+)
+def test_cifar10_binary_version_rejects_malformed_files(tmp_path, monkeypatch, case, message):
+    # prepare
+    root = tmp_path / "c"
+    make_cifar_bin_dir(root, n=3)
+    path = root / "test_batch.bin"
+    blob = bytearray(path.read_bytes())
+    if case == "not-whole-records":
+        path.write_bytes(bytes(blob[:-1]))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "label-out-of-range":
+        blob[3073] = 12
+        path.write_bytes(bytes(blob))
+    elif case == "meta-nine-names":
+        (root / "batches.meta.txt").write_text("a\nb\nc\nd\ne\nf\ng\nh\ni\n")
+    elif case == "too-large":
+        monkeypatch.setattr(D.cifar10, "MAX_BATCH_BYTES", 5000)
+    # execute / assert
+    with pytest.raises(D.DatasetError, match=message):
+        D.load(f"cifar10:{root}", split="test")
+
+
+def test_safe_unpickle_bounds_what_it_builds(monkeypatch):
+    """A pickle may not rebuild more array bytes than it holds, nest without bound, or exceed the size limit."""
+    # prepare: one 3072-byte buffer (memoized once), then ten arrays that each GET it again
+    head = b"\x80\x02(" + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+    state = b"(K\x01M\x00\x0c\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89"
+    first = head + state + b"T\x00\x0c\x00\x00" + bytes(3072) + b"q\x01tb"
+    again = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R" + state + b"h\x01tb"
+    blob = first + again * 10 + b"l."
+    nested = b"\x80\x02" + b"]" * 100 + b"a" * 99 + b"."
+    # execute / assert
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(pickle.loads(blob, encoding="bytes")) == 11  # the standard unpickler builds them all
+    assert len(D.safe_unpickle(first + b"l.")) == 1
+    with pytest.raises(D.UnsafePickleError, match="arrays hold more bytes than the file"):
+        D.safe_unpickle(blob)
+    with pytest.raises(D.UnsafePickleError, match="nests containers more than 64 deep"):
+        D.safe_unpickle(nested)
+    monkeypatch.setattr(D.cifar10, "MAX_BATCH_BYTES", len(blob) - 1)
+    with pytest.raises(D.UnsafePickleError, match=f"pickle of {len(blob)} bytes exceeds the {len(blob) - 1}-byte limit"):
+        D.safe_unpickle(blob)
+
+
 class Evil:
     def __init__(self, sentinel: Path) -> None:
         self.sentinel = sentinel
@@ -415,7 +534,9 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, protocol):
     sentinel = tmp_path / "pwned"
     root = tmp_path / "c"
     make_cifar_dir(root, n=2)
-    blob = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": Evil(sentinel)}, protocol=protocol)
+    # (str keys, the hostile entry first: at protocols 0-2 Python 3 writes bytes through _codecs.encode,
+    # itself refused, and the test is about the global that would run a command)
+    blob = pickle.dumps({"labels": Evil(sentinel), "data": np.zeros((1, 3072), np.uint8)}, protocol=protocol)
     (root / "test_batch").write_bytes(blob)
     # execute / assert
     with pytest.raises(D.UnsafePickleError, match=r"refusing global (posix|nt)\.system") as err:
@@ -436,20 +557,23 @@ GOOD_ARRAY_HEAD = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarra
         (GOOD_ARRAY_HEAD + b"(K\x01K\x01\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R", "refusing numpy dtype 'O8'"),
         (b"\x80\x02cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NU\x01a\x85}(U\x01aK\x01uJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.", "only plain numeric dtypes"),
         (GOOD_ARRAY_HEAD + b"(K\x01K\x04\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x03abctb.", "needs 4 bytes, the pickle holds 3"),
-        (b"\x80\x02}(U\x01aK\x01u}b.", "refusing to set the state of a dict"),
-        (b"\x80\x02]K\x01\x85R.", "refusing to call a list"),
-        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.", "only \\(str, 'latin1'\\)"),
+        (b"\x80\x02}(U\x01aK\x01u}b.", "malformed pickle: AttributeError"),
+        (b"\x80\x02]K\x01\x85R.", "malformed pickle: TypeError: 'list' object is not callable"),
+        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.", "refusing global _codecs.encode"),
         (b"\x80\x02ccopy_reg\n_reconstructor\n.", "refusing global copy_reg._reconstructor"),
-        (b"\x80\x02cnumpy\nndarray\n)\x81.", "refusing pickle opcode NEWOBJ"),
-        (b"\x80\x02K\x01Q.", "refusing pickle opcode BINPERSID"),
-        (b"\x80\x02\x82\x01.", "refusing pickle opcode EXT1"),
-        (b"\x80\x02(K\x01K\x02\x8f.", "refusing pickle opcode EMPTY_SET"),
-        (b"\x80\x02T\xff\xff\xff\x7fab.", "truncated pickle"),
-        (b"\x80\x02}q\x01", "no STOP"),
-        (b"\x80\x02h\x05.", "memo key 5 not set"),
+        (b"\x80\x02cnumpy\nndarray\n)\x81.", "refusing to call numpy.ndarray"),
+        (b"\x80\x02K\x01Q.", "refusing a persistent id"),
+        (b"\x80\x02\x82\x01.", "malformed pickle: ValueError: unregistered extension code 1"),
+        (b"\x80\x02(K\x01K\x02\x8f.", "refusing a set"),
+        (b"\x80\x02T\xff\xff\xff\x7fab.", "malformed pickle: .*expected 2147483647 bytes .* but only 3 remain"),
+        (b"\x80\x02}q\x01", "malformed pickle"),
+        (b"\x80\x02h\x05.", "malformed pickle: .*[Mm]emo"),
         (b"\x80\x02cnumpy\ndtype\n.", "returns the global numpy.dtype"),
+        (b"\x80\x02Nr\xff\xff\xff\xff.", "refusing memo index 4294967295 at offset 3"),
+        (b"(lp0\nI1\nap999999999\n.", "refusing memo index 999999999"),
     ],
-    ids=["eval", "subclass", "object-dtype", "structured-dtype", "short-data", "build-dict", "call-list", "codecs", "copy_reg", "newobj", "persid", "ext", "set", "truncated", "no-stop", "memo", "bare-global"],
+    ids=["eval", "subclass", "object-dtype", "structured-dtype", "short-data", "build-dict", "call-list", "codecs", "copy_reg", "newobj", "persid", "ext", "set", "truncated", "no-stop", "memo", "bare-global",
+         "memo-index-64GiB", "memo-index-text"],
 )
 def test_safe_unpickle_refuses_everything_else(blob, message):
     with pytest.raises(D.UnsafePickleError, match=message):
@@ -576,6 +700,23 @@ def test_folder_layout_errors_describe_the_expected_layout(tmp_path, layout, mes
         D.load(f"folder:{root}", split="train")
 
 
+@pytest.mark.parametrize("layout, message", [("none", "neither HAM10000_metadata.csv"), ("bad-columns", "missing column")])
+def test_folder_layout_is_checked_before_pillow_is_needed(tmp_path, monkeypatch, layout, message):
+    # prepare: a broken layout on a machine without Pillow (None in sys.modules makes the import fail)
+    root = tmp_path / "d"
+    root.mkdir()
+    if layout == "bad-columns":
+        (root / "labels.csv").write_text("file,label\nx.png,a\n")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    # execute / assert: the layout is named, not Pillow
+    with pytest.raises(D.DatasetError, match=message):
+        D.load(f"folder:{root}", split="train")
+    (root / "labels.csv").write_text("filename,label\nx.png,a\n")
+    (root / "x.png").write_bytes(b"")
+    with pytest.raises(D.DatasetError, match="need Pillow"):  # a good layout still says what is missing
+        D.load(f"folder:{root}", split="train")
+
+
 # ---------------------------------------------------------------------------
 # synthetic and specs
 
@@ -621,6 +762,19 @@ def test_synthetic_short_forms():
 def test_bad_specs_are_rejected_with_accepted_forms(spec, message):
     with pytest.raises(D.DatasetError, match=message.replace("(", "\\(").replace(")", "\\)")):
         D.load(spec, split="train")
+
+
+@pytest.mark.parametrize("spec, key", [("synthetic:10000000000000", "n"), ("synthetic:n=8,test=100000000,shape=3x64x64", "test")])
+def test_synthetic_sizes_beyond_the_limit_are_refused_before_allocating(spec, key):
+    # 2 GiB / (4 * 3 * 64 * 64) = 43690 samples of 3x64x64; 2 GiB / (4 * 784) = 684784 of 1x28x28
+    limit = {"n": 684784, "test": 43690}[key]
+    value = spec.split(":")[1].split(",")[1 if key == "test" else 0].removeprefix("n=").removeprefix("test=")
+    for split in ("train", "test"):  # the spec is refused as a whole, whichever split is loaded
+        with pytest.raises(D.DatasetError) as err:
+            D.load(spec, split=split)
+        msg = str(err.value)
+        assert f"synthetic parameter {key}={value} is too large" in msg
+        assert f"over the limit of {D.SYNTHETIC_MAX_BYTES} bytes ({limit} samples of this shape)" in msg
 
 
 def test_parse_spec_and_split_argument():

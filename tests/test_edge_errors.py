@@ -336,10 +336,13 @@ def test_bad_key_files_are_bad_input(art, tmp_path, case):
     ("synthetic:n=64,classes=10,shape=3x32x32", (), "has inputs 3x32x32 but the artifacts expect 1x28x28"),
     ("synthetic:n=64,classes=20,shape=1x28x28", (), "has 20 classes but the artifacts' head has 10"),
     ("synthetic:n=64,classes=10,shape=1x28x28", ("--batch-size", "128"), "fewer than one batch of 128"),
+    # a size whose arrays cannot be allocated: refused by value and limit, not a MemoryError
+    ("synthetic:n=10000000000000", (), ("synthetic parameter n=10000000000000 is too large",
+                                         "over the limit of 2147483648 bytes (684784 samples of this shape)")),
 ])
 def test_data_that_does_not_fit_is_bad_input(art, data, extra, needle):
     res = _edge(art, "--steps", "1", *extra, data=data)
-    _clean(res, 2, needle)
+    _clean(res, 2, *(needle if isinstance(needle, tuple) else (needle,)))
 
 
 # ---------------------------------------------------------------------------- 8. Ctrl-C while onnxruntime loads

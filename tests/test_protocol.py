@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 
 import numpy as np
 import pytest
@@ -89,13 +87,56 @@ def test_unpack_never_crashes_on_random_frames(frames):
         pass
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.sampled_from(list(P.MsgType)), st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)))
-def test_unpack_of_valid_framing_with_random_json(t, body):
-    frame = struct.pack("<4sBB", P.MAGIC, P.PROTOCOL_VERSION, int(t)) + json.dumps(body).encode()
-    try:
-        msg = P.unpack([frame])
-    except P.ProtocolError:
-        return
-    for key in P.SCHEMAS[t]:
-        assert key in msg.header
+# Header values by JSON type, as the protocol accepts them (integers within +-(2**53 - 1), finite floats)
+_INT = st.integers(-P.MAX_HEADER_INT, P.MAX_HEADER_INT)
+_FLOAT = st.floats(allow_nan=False, allow_infinity=False)
+_TEXT = st.text(max_size=12)
+_LEAF = st.none() | st.booleans() | _INT | _FLOAT | _TEXT
+_VALUES = {
+    int: _INT, float: _FLOAT, str: _TEXT, bool: st.booleans(), type(None): st.none(),
+    list: st.lists(_LEAF, max_size=4), dict: st.dictionaries(_TEXT, _LEAF, max_size=4),
+}
+
+
+def _header(t: P.MsgType) -> st.SearchStrategy[dict]:
+    """A header for ``t`` built from ``P.SCHEMAS[t]``: every required field with a value of an accepted type,
+    plus a few extra fields (allowed: forward compatible)."""
+    schema = P.SCHEMAS[t]
+    required = st.fixed_dictionaries({k: st.one_of(*(_VALUES[ty] for ty in types)) for k, types in schema.items()})
+    extra = st.dictionaries(_TEXT.filter(lambda k: k not in schema), _LEAF, max_size=3)
+    return st.builds(lambda req, ext: {**ext, **req}, required, extra)
+
+
+def _wrong_value(types: tuple[type, ...]) -> st.SearchStrategy:
+    """A value of a JSON type the field does not accept (a bool is no int unless bool is listed)."""
+    wrong = [ty for ty in _VALUES if ty not in types and not (ty is int and float in types)]
+    return st.one_of(*(_VALUES[ty] for ty in wrong))
+
+
+@pytest.mark.parametrize("t", list(P.MsgType), ids=lambda t: t.name)
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_unpack_of_valid_framing_with_random_json(t, data):
+    """Every message type, with headers drawn from its schema, survives pack -> unpack unchanged."""
+    # prepare
+    header = data.draw(_header(t))
+    # execute
+    msg = P.unpack(P.pack(t, header, [b"x"]))
+    # assert
+    assert msg.type == t and msg.header == header and [bytes(f) for f in msg.frames] == [b"x"]
+
+
+@pytest.mark.parametrize("t", [t for t in P.MsgType if P.SCHEMAS[t]], ids=lambda t: t.name)
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_a_header_missing_a_field_or_with_a_wrong_type_is_refused_by_name(t, data):
+    # prepare: a valid header, then one required field dropped or given a value of another type
+    header = data.draw(_header(t))
+    key = data.draw(st.sampled_from(sorted(P.SCHEMAS[t])))
+    missing = {k: v for k, v in header.items() if k != key}
+    mistyped = header | {key: data.draw(_wrong_value(P.SCHEMAS[t][key]))}
+    # execute / assert
+    with pytest.raises(P.ProtocolError, match=f"{t.name} header lacks field '{key}'"):
+        P.unpack(P.pack(t, missing))
+    with pytest.raises(P.ProtocolError, match=f"{t.name} field '{key}' must be "):
+        P.unpack(P.pack(t, mistyped))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
