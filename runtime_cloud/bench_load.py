@@ -207,6 +207,8 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
                     c.state = "done"
                 elif msg.type != P.MsgType.PONG:
                     fail(c, f"unexpected {msg.type.name} while in {c.state}")
+        if viewer is not None:  # before the cloud exits (--exit-when-done): what it answered while it served
+            viewer.stop()
         try:
             rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
