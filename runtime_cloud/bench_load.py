@@ -82,8 +82,11 @@ def _tail(path: Path, n: int = 20) -> str:
 
 
 def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_size: int, codec: str, bits: int | None,
-             cloud_threads: int, timeout_s: float, seed: int) -> dict:
-    """Runs the cloud and the simulated clients; returns the figures (see the module docstring)."""
+             cloud_threads: int, timeout_s: float, seed: int, status_page: bool = False) -> dict:
+    """Runs the cloud and the simulated clients; returns the figures (see the module docstring).
+
+    With ``status_page`` the cloud also serves ``--status`` and a viewer polls it as an open page does
+    (``/status.json`` every second, the page itself every 5 s) for the whole run."""
     import zmq
 
     from .. import codecs as sc
@@ -100,6 +103,11 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
         "--artifacts", str(artifacts), "--bind", endpoint, "--codec", codec, "--metrics", str(metrics),
         "--expect-clients", str(clients), "--exit-when-done", "--log-every", "0", "--threads", str(cloud_threads),
     ] + (["--bits", str(bits)] if bits is not None else [])
+    viewer = None
+    if status_page:
+        status_port = launch.free_port()
+        cmd += ["--status", f"127.0.0.1:{status_port}"]
+        viewer = _PageViewer(f"http://127.0.0.1:{status_port}/")
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ctx = zmq.Context.instance()
@@ -107,6 +115,8 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
     errors: Counter = Counter()
     try:
         _wait_for_cloud(ctx, endpoint, proc, 120.0, log)
+        if viewer is not None:
+            viewer.start()
         # the payloads: a few real encodes per client, reused in turn (encoding is the edge's work, not measured)
         rng = np.random.default_rng(seed)
         enc = sc.get(codec, **({"bits": bits} if bits is not None else {}))
@@ -197,12 +207,16 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
                     c.state = "done"
                 elif msg.type != P.MsgType.PONG:
                     fail(c, f"unexpected {msg.type.name} while in {c.state}")
+        if viewer is not None:  # before the cloud exits (--exit-when-done): what it answered while it served
+            viewer.stop()
         try:
             rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             rc = None
             errors["cloud-serve did not exit after every client's BYE"] += 1
     finally:
+        if viewer is not None:
+            viewer.stop()
         for c in sims:
             c.sock.close(linger=0)
         if proc.poll() is None:
@@ -240,7 +254,43 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
         "server_step_ms": {"p50": pct(srv, 50), "p99": pct(srv, 99)},
         "cloud_steps": cloud_steps, "cloud_errors": cloud_errors,
         "errors": sum(errors.values()), "error_kinds": dict(errors),
+        "status_page": status_page, "status_polls": viewer.polls if viewer else 0,
+        "status_poll_errors": viewer.errors if viewer else 0,
     }
+
+
+class _PageViewer:
+    """Polls a status page as a browser tab showing it does: /status.json every second, / every 5 s."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url = url
+        self.polls = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="page-viewer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        n = 0
+        while not self._stop.wait(1.0):
+            for path in (["", "status.json"] if n % 5 == 0 else ["status.json"]):
+                try:
+                    with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                        r.read()
+                    self.polls += 1
+                except OSError:
+                    self.errors += 1
+            n += 1
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -266,8 +316,12 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
               help="Seconds a client waits for a reply before the run counts an error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the activations and labels.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--status-page", is_flag=True,
+              help="Measure what cloud-serve --status costs: run the load without the status page, then with it and a "
+                   "viewer polling it as an open page does, twice in turn (off, on, off, on), and print the server "
+                   "step's time of each and their ratio.")
 def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artifacts, cloud_threads, timeout_s, seed,
-         json_path):
+         json_path, status_page):
     """One cloud-serve, N simulated edge clients: steps/s and p50/p99 step latency."""
     from .. import codecs as sc
 
@@ -302,8 +356,12 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
                 oe.export(oe.ExportRequest(model, cut, input_shape=shape, out=str(artifacts)))
             except (ValueError, oe.ExportError) as e:
                 raise click.UsageError(str(e)) from None
-        r = run_load(Path(artifacts), work, clients=clients, steps=steps, batch_size=batch_size, codec=codec,
-                     bits=bits_or_none, cloud_threads=cloud_threads, timeout_s=timeout_s, seed=seed)
+        kw = dict(clients=clients, steps=steps, batch_size=batch_size, codec=codec, bits=bits_or_none,
+                  cloud_threads=cloud_threads, timeout_s=timeout_s, seed=seed)
+        if status_page:
+            _status_page_comparison(Path(artifacts), work, kw, json_path)
+            return
+        r = run_load(Path(artifacts), work, **kw)
     lat, srv = r["latency_ms"], r["server_step_ms"]
     click.echo(f"\none cloud-serve ({r['model']} cut {r['cut']}, input {'x'.join(map(str, r['input_shape']))}, "
                f"{r['codec']} {r['codec_params']}, {r['cloud_threads'] or 'default'} torch thread(s)), "
@@ -324,4 +382,32 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
                                        "(the results are the JSON line above)") from None
         click.echo(f"wrote {json_path}")
     if r["errors"]:
+        raise SystemExit(1)
+
+
+def _status_page_comparison(artifacts: Path, work: Path, kw: dict, json_path: str | None) -> None:
+    """``--status-page``: the same load without and with the status page (and a viewer), alternating."""
+    runs = []
+    for i, on in enumerate((False, True, False, True)):
+        click.echo(f"run {i + 1}/4: status page {'on, polled' if on else 'off'} ...")
+        d = work / f"run{i}"
+        d.mkdir()
+        r = run_load(artifacts, d, status_page=on, **kw)
+        runs.append(r)
+        click.echo(f"  server step p50 {r['server_step_ms']['p50']} ms, p99 {r['server_step_ms']['p99']} ms; "
+                   f"{r['steps_per_s']} steps/s; errors {r['errors']}"
+                   + (f"; {r['status_polls']} page requests answered, {r['status_poll_errors']} failed" if on else ""))
+    off = [r["server_step_ms"]["p50"] for r in runs if not r["status_page"]]
+    on_ = [r["server_step_ms"]["p50"] for r in runs if r["status_page"]]
+    ratios = [b / a for a, b in zip(off, on_) if a and b]
+    click.echo(f"\nserver step p50 without the status page: {', '.join(map(str, off))} ms; with it and a viewer: "
+               f"{', '.join(map(str, on_))} ms; ratio with/without, pair by pair: "
+               f"{', '.join(f'{x:.3f}' for x in ratios)}")
+    out = {"benchmark": "load-status-page", "runs": runs, "p50_off_ms": off, "p50_on_ms": on_,
+           "ratios": [round(x, 4) for x in ratios]}
+    click.echo(json.dumps(out))
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+    if any(r["errors"] or r["status_poll_errors"] for r in runs):
         raise SystemExit(1)

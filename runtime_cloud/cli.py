@@ -42,6 +42,18 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
     return params
 
 
+def _status_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .status import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--artifacts", "-a", required=True, type=click.Path(file_okay=False),
               help="Artifact directory written by export-client (the cloud reads server/ and manifest.json).")
@@ -108,11 +120,17 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
                    "all traffic and admit only --authorized-clients.")
 @click.option("--authorized-clients", type=click.Path(file_okay=False), default=None,
               help="Directory of the public keys (*.key) of the edges allowed to join.")
+@click.option("--status", "status", default=None, metavar="[HOST:]PORT", callback=_status_option,
+              help="Serve a live status page (and its data at /status.json) on this HTTP address: PORT alone binds "
+                   "127.0.0.1 (loopback), also when CurveZMQ keys are configured; 0 picks a free port. Read-only.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Write TensorBoard scalars (loss, accuracy, bytes, time per phase; per client and overall) to this "
+                   "directory (needs the tensorboard package).")
 def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_codec_param, calibration,
          optimizer, lr, momentum, weight_decay, device, threads, fedavg_every, checkpoint_dir, checkpoint_every,
          keep_checkpoints, resume, metrics, client_timeout, max_message_mb, max_client_errors, error_window, max_clients, expect_clients,
          exit_when_done,
-         log_every, seed, curve_secret, authorized_clients):
+         log_every, seed, curve_secret, authorized_clients, status, tensorboard):
     """Serve the cloud half of split training to many edge clients.
 
     \b
@@ -180,6 +198,15 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
             check_writable_dir(checkpoint_dir)
         except OSError as e:
             raise UserError(f"--checkpoint-dir: {e.strerror or e}") from None
+    if tensorboard:
+        try:
+            check_writable_dir(tensorboard)
+        except OSError as e:
+            raise UserError(f"--tensorboard: {e.strerror or e}") from None
+        try:
+            import tensorboard as _tb  # noqa: F401 - torch's SummaryWriter needs it
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     if metrics:
         try:
             check_writable_file(metrics)
@@ -195,7 +222,7 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         max_message_bytes=int(max_message_mb * 1024 * 1024), max_client_errors=max_client_errors, error_window_s=error_window,
         max_clients=max_clients,
         expect_clients=expect_clients, exit_when_done=exit_when_done, log_every=log_every, seed=seed,
-        curve_secret=curve_secret, authorized_clients=authorized_clients,
+        curve_secret=curve_secret, authorized_clients=authorized_clients, status=status, tensorboard=tensorboard,
     )
     try:
         rc = serve(cfg)

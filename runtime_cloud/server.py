@@ -70,6 +70,8 @@ class ServeConfig:
     seed: int = 0
     curve_secret: str | None = None  # the cloud's .key_secret (CurveZMQ); with authorized_clients
     authorized_clients: str | None = None  # directory of the admitted edges' public .key files
+    status: str | None = None  # ADDR:PORT of the live status page (runtime_cloud/status.py)
+    tensorboard: str | None = None  # directory of TensorBoard scalars
 
 
 @dataclass
@@ -98,12 +100,16 @@ class Session:
 
 
 class Metrics:
-    """JSON lines; a write failure (e.g. a full disk) is reported once and never stops training."""
+    """JSON lines; a write failure (e.g. a full disk) is reported once and never stops training.
+
+    Every event also goes to the ``observers`` (the status page, TensorBoard), as the dict written.
+    """
 
     def __init__(self, path: str | None):
         self.path = path
         self._f = None
         self._failed = False
+        self.observers: list[Any] = []
         if path:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +118,16 @@ class Metrics:
                 raise OSError(e.errno, f"cannot write the metrics file {path}: {e.strerror or e}") from None
 
     def write(self, event: str, **fields: Any) -> None:
-        if self._f is None or self._failed:
+        to_file = self._f is not None and not self._failed
+        if not to_file and not self.observers:
+            return
+        rec = {"event": event, "t": round(time.time(), 4), **fields}
+        for observe in self.observers:
+            observe(rec)
+        if not to_file:
             return
         try:
-            self._f.write(json.dumps({"event": event, "t": round(time.time(), 4), **fields}, default=float) + "\n")
+            self._f.write(json.dumps(rec, default=float) + "\n")
         except OSError as e:
             self._failed = True
             log.error("metrics: cannot write %s (%s); metrics are off from here, training goes on", self.path, e)
@@ -149,6 +161,8 @@ class CloudServer:
         self.server_step = 0
         self.session_id = uuid.uuid4().hex[:12]
         self.metrics = Metrics(cfg.metrics)
+        self.status_board = self.status_server = self.tensorboard = None
+        self._status_synced = 0.0
         self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self._stop = False
         self._last_ckpt_step = 0
@@ -173,6 +187,54 @@ class CloudServer:
                 cfg.bind,
             )
         self.ep = server_socket(self.ctx, cfg.bind, max_message_bytes=cfg.max_message_bytes, curve=curve)
+        if cfg.status or cfg.tensorboard:
+            try:
+                self._start_observers()
+            except BaseException:
+                self.ep.close(linger_ms=0)
+                raise
+
+    def _start_observers(self) -> None:
+        """The live status page (--status) and TensorBoard scalars (--tensorboard): fed by the metrics events."""
+        if self.cfg.tensorboard:
+            from .tb_scalars import TensorBoardSink
+
+            self.tensorboard = TensorBoardSink(self.cfg.tensorboard)
+            self.metrics.observers.append(self.tensorboard.observe)
+            log.info("TensorBoard scalars in %s (tensorboard --logdir %s)", self.cfg.tensorboard, self.cfg.tensorboard)
+        if self.cfg.status:
+            from . import status
+
+            host, port = status.parse_address(self.cfg.status)
+            self.status_board = status.StatusBoard(stall_s=min(status.STALL_S, self.cfg.client_timeout_s / 2))
+            try:
+                self.status_server = status.StatusServer(self.status_board, host, port)
+            except OSError as e:
+                raise OSError(e.errno, f"--status {self.cfg.status}: cannot serve the status page there: "
+                                       f"{e.strerror or e}") from None
+            self.metrics.observers.append(self.status_board.observe)
+            if not status.is_loopback(host):
+                log.warning("status page on %s, beyond loopback: plain HTTP, readable by anyone who can reach it "
+                            "(read-only; it shows client ids, losses and traffic)", self.status_server.url)
+            elif self.auth is not None:
+                log.info("status page on %s (loopback only, although the training traffic is encrypted: the page "
+                         "is plain HTTP; give --status 0.0.0.0:PORT to serve it beyond this machine)",
+                         self.status_server.url)
+            else:
+                log.info("status page on %s", self.status_server.url)
+
+    def _sync_status(self, now: float) -> None:
+        """The sessions' liveness for the status page, at most twice a second."""
+        if self.status_board is None or now - self._status_synced < 0.5:
+            return
+        self._status_synced = now
+        owed = {cid for got in self.pending.values() for cid in got}
+        self.status_board.sync([
+            (s.client_id, now - s.last_seen, s.active, s.timed_out,
+             (s.active and s.client_id in owed) or
+             (s.timed_out and s.stopped_at is not None and now - s.stopped_at < self.cfg.client_timeout_s))
+            for s in self.by_client.values()
+        ])
 
     # ------------------------------------------------------------------ settings
 
@@ -224,6 +286,7 @@ class CloudServer:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        self._sync_status(now)
         for s in list(self.by_client.values()):
             if s.active and now - s.last_seen > self.cfg.client_timeout_s:
                 s.timed_out = True
@@ -259,6 +322,10 @@ class CloudServer:
         self.metrics.write("stop", server_step=self.server_step, errors=self.errors_total,
                            bytes_in=self.ep.counters.bytes_in, bytes_out=self.ep.counters.bytes_out)
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.status_server is not None:
+            self.status_server.close()
         self.ep.close(linger_ms=500)
         if self.auth is not None:
             self.auth.stop()
@@ -421,7 +488,7 @@ class CloudServer:
         self.progress[cid] = self._progress_entry(s, done=False)
         log.info("client %d joined (%d samples, its step %d, applied here %d)", cid, s.samples, h["resume_step"], s.last_step)
         self.metrics.write("client_joined", client=cid, samples=s.samples, last_step=s.last_step,
-                           resume_step=h["resume_step"])
+                           resume_step=h["resume_step"], planned_steps=h["planned_steps"])
         theirs = h.get("client_files")
         if isinstance(theirs, str) and theirs != self.client_files:
             log.warning("client %d trains the edge half of another export of %s cut %d (its client/ files differ "
@@ -553,6 +620,9 @@ class CloudServer:
         pred, loss_sum = self.model.evaluate(act, labels)
         if loss_sum is not None and not np.isfinite(loss_sum):
             raise P.ProtocolError(f"EVAL: the loss of these activations is {loss_sum}", P.ErrorCode.NOT_FINITE)
+        if labels is not None:
+            self.metrics.write("eval", client=s.client_id, step=s.last_step, n=h["n"],
+                               correct=int((np.asarray(pred) == np.asarray(labels)).sum()), loss_sum=round(loss_sum, 6))
         self._send(identity, P.MsgType.EVAL_RESULT, {"eval_id": h["eval_id"], "n": h["n"], "loss_sum": loss_sum},
                    [P.array_frame(pred, "int64")])
 

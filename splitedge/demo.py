@@ -108,6 +108,8 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
     edge_args += ["--steps", str(steps)] if steps else ["--epochs", str(epochs)]
     click.echo(f"[2/4] starting cloud-serve ({codec} {bits}-bit both ways) and {clients} edge-train processes; "
                f"logs in {wd}/")
+    status_port = launch.free_port()
+    cloud_args += ["--status", f"127.0.0.1:{status_port}"]
     spec = launch.RunSpec(wd / "run", wd / "artifacts", clients, cloud_args, edge_args, timeout_s=timeout)
 
     tty = sys.stdout.isatty()
@@ -130,7 +132,7 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         last[0], last[1] = now, line
         click.echo(("\r" + line + "   ") if tty else line, nl=not tty)
 
-    click.echo("[3/4] training")
+    click.echo(f"[3/4] training; watch it live at http://127.0.0.1:{status_port}/")
     try:
         result = launch.run(spec, on_tick=tick)
     except launch.RunFailed as e:

@@ -51,7 +51,8 @@ directory without one is refused, unless it is an older output of this command, 
 :func:`check_out_dir`):
 
 * ``runs/<run id>/``: the processes' commands, logs, ``cloud-metrics.jsonl``, the clients'
-  summaries ``edge-<i>.json``, ``settings.json``, this run's ``evals.jsonl`` and, when done,
+  summaries ``edge-<i>.json``, ``settings.json``, this run's ``evals.jsonl``, its TensorBoard
+  scalars in ``tensorboard/`` (``tensorboard --logdir OUT/runs`` compares the runs) and, when done,
   ``result.json``;
 * ``evals.jsonl``: one line per evaluation point of every finished run (see
   :func:`eval_points` for the fields);
@@ -781,8 +782,9 @@ def execute(out: Path, run: RunConfig, artifacts: Path, timeout_s: float, echo: 
     wd.mkdir(parents=True)
     atomic_write_json(wd / "settings.json", {"run": run.run_id, "settings": run.identity(),
                                              "artifacts": str(artifacts), "timeout_s": timeout_s})
-    spec = launch.RunSpec(wd, artifacts, run.clients, run.cloud_args(), run.edge_args(),
-                          env={"OMP_NUM_THREADS": str(run.threads)}, timeout_s=timeout_s)
+    # TensorBoard scalars per run: `tensorboard --logdir OUT/runs` shows every run side by side
+    spec = launch.RunSpec(wd, artifacts, run.clients, run.cloud_args() + ["--tensorboard", str(wd / "tensorboard")],
+                          run.edge_args(), env={"OMP_NUM_THREADS": str(run.threads)}, timeout_s=timeout_s)
     res = launch.run(spec, on_tick=_Ticker(run, wd, echo, tick_s))
     result = summarize(run, res.summaries, res.metrics(), res.wall_s)
     _write_jsonl(wd / "evals.jsonl", _point_lines(run, result))

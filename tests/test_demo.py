@@ -21,6 +21,12 @@ def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "[4/4] done" in out and "less traffic than fp32" in out
+    import re
+
+    live = re.search(r"watch it live at (http://127\.0\.0\.1:\d+/)", out)
+    assert live, "the demo prints its status page's address while it trains"
+    cloud_cmd = (wd / "run" / "cloud.cmd").read_text()
+    assert "--status 127.0.0.1:" + live.group(1).rsplit(":", 1)[1].rstrip("/") in cloud_cmd
     summary = json.loads((wd / "demo-summary.json").read_text())
     assert summary["codec"] == "sgq" and summary["clients"] == 2 and len(summary["accuracy_per_client"]) == 2
     t = summary["traffic"]
