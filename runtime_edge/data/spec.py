@@ -100,7 +100,7 @@ def to_float(raw: np.ndarray, norm: Normalization | None) -> tuple[np.ndarray, N
     if len(norm.mean) != c_count:
         raise DatasetError(f"normalization has {len(norm.mean)} channels, images have {c_count}")
     out = raw.astype(np.float32)
-    for c, (m, s) in enumerate(zip(norm.mean, norm.std, strict=True)):
+    for c, (m, s) in enumerate(zip(norm.mean, norm.std)):  # noqa: B905 - the edge runs on Python 3.8
         view = out[:, c]
         view *= np.float32(1.0 / (255.0 * s))
         view -= np.float32(m / s)
