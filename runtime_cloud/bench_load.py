@@ -318,8 +318,8 @@ class _PageViewer:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--status-page", is_flag=True,
               help="Measure what cloud-serve --status costs: run the load without the status page, then with it and a "
-                   "viewer polling it as an open page does, twice in turn (off, on, off, on), and print the server "
-                   "step's time of each and their ratio.")
+                   "viewer polling it as an open page does, three times in turn (off, on, ...), and print the server "
+                   "step's time of each, their ratios and the spread of the runs without it (the machine's noise).")
 def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artifacts, cloud_threads, timeout_s, seed,
          json_path, status_page):
     """One cloud-serve, N simulated edge clients: steps/s and p50/p99 step latency."""
@@ -385,11 +385,12 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
         raise SystemExit(1)
 
 
-def _status_page_comparison(artifacts: Path, work: Path, kw: dict, json_path: str | None) -> None:
+def _status_page_comparison(artifacts: Path, work: Path, kw: dict, json_path: str | None, pairs: int = 3) -> None:
     """``--status-page``: the same load without and with the status page (and a viewer), alternating."""
     runs = []
-    for i, on in enumerate((False, True, False, True)):
-        click.echo(f"run {i + 1}/4: status page {'on, polled' if on else 'off'} ...")
+    order = [False, True] * pairs
+    for i, on in enumerate(order):
+        click.echo(f"run {i + 1}/{len(order)}: status page {'on, polled' if on else 'off'} ...")
         d = work / f"run{i}"
         d.mkdir()
         r = run_load(artifacts, d, status_page=on, **kw)
@@ -399,12 +400,15 @@ def _status_page_comparison(artifacts: Path, work: Path, kw: dict, json_path: st
                    + (f"; {r['status_polls']} page requests answered, {r['status_poll_errors']} failed" if on else ""))
     off = [r["server_step_ms"]["p50"] for r in runs if not r["status_page"]]
     on_ = [r["server_step_ms"]["p50"] for r in runs if r["status_page"]]
-    ratios = [b / a for a, b in zip(off, on_) if a and b]
+    ratios = sorted(b / a for a, b in zip(off, on_) if a and b)
+    noise = max(off) / min(off) if off and min(off) else float("nan")
     click.echo(f"\nserver step p50 without the status page: {', '.join(map(str, off))} ms; with it and a viewer: "
-               f"{', '.join(map(str, on_))} ms; ratio with/without, pair by pair: "
-               f"{', '.join(f'{x:.3f}' for x in ratios)}")
+               f"{', '.join(map(str, on_))} ms")
+    click.echo(f"ratio with/without, pair by pair: {', '.join(f'{x:.3f}' for x in ratios)} (median "
+               f"{ratios[len(ratios) // 2]:.3f}); the runs without it differ among themselves by up to {noise:.3f}x "
+               "(the machine's noise)")
     out = {"benchmark": "load-status-page", "runs": runs, "p50_off_ms": off, "p50_on_ms": on_,
-           "ratios": [round(x, 4) for x in ratios]}
+           "ratios": [round(x, 4) for x in ratios], "off_spread": round(noise, 4)}
     click.echo(json.dumps(out))
     if json_path:
         Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
