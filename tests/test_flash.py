@@ -387,14 +387,19 @@ def test_bundle_only_is_deterministic_self_contained_and_self_tests(art, tmp_pat
     assert "FAIL at bundle: the bundle is damaged: artifacts/client/checkpoint does not match its sha256" in r.stdout
 
 
-def test_jetson_bundle_says_the_ort_build_comes_from_source(art, tmp_path):
-    r = subprocess.run([bin_path("flash-board"), "--profile", "jetson-nano", "--artifacts", str(art),
-                        "--bundle-only", str(tmp_path / "j.tar.gz")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    with tarfile.open(tmp_path / "j.tar.gz") as tar:
-        req = tar.extractfile("requirements.txt").read().decode()
-    assert "NOT installable from PyPI" in req and "--enable_training_apis" in req and "--use_tensorrt" in req
-    assert not [ln for ln in req.splitlines() if ln.startswith("onnxruntime")]  # only comments name ORT
+def test_aarch64_bundles_pin_the_stock_onnxruntime_wheel(art, tmp_path):
+    """No source build: the bundle's requirements.txt pins plain onnxruntime from PyPI for the board."""
+    for name, version in (("jetson-nano", "1.28.0"), ("raspberry-pi-4", "1.32.0")):
+        r = subprocess.run([bin_path("flash-board"), "--profile", name, "--artifacts", str(art),
+                            "--bundle-only", str(tmp_path / f"{name}.tar.gz")], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        with tarfile.open(tmp_path / f"{name}.tar.gz") as tar:
+            req = tar.extractfile("requirements.txt").read().decode()
+        pins = [ln for ln in req.splitlines() if ln and not ln.startswith("#")]
+        assert f"onnxruntime=={version}" in pins and "NOT installable" not in req and "build.sh" not in req
+        assert not any(p.startswith(("onnxruntime-training", "torch")) for p in pins), pins
+        assert "# Python >= 3.11 on aarch64" in req
 
 
 def test_jetson_bundle_self_test_shows_the_cpu_fallback_here(art, tmp_path):
