@@ -97,11 +97,13 @@ def stacks_summary(profile: Profile) -> list[str]:
                 continue
             graphs = [g for g in GRAPHS if getattr(st, g) == place]
             if graphs == ["inference"]:
-                out.append(f"  {place}: the inference graph only; this accelerator path cannot train")
+                out.append(f"  {place}: the inference graph only")
             else:
                 out.append(f"  {place}: the {' and '.join(graphs)} graph{'s' if len(graphs) > 1 else ''}"
                            + ("; trains on the accelerator" if set(graphs) >= {"forward", "backward"} else ""))
-        if not st.trains_on_accelerator:
+        if st.accelerated and not st.trains_on_accelerator:
+            out.append("  this accelerator path cannot train: training (forward, backward) runs on the CPU")
+        elif not st.accelerated:
             out.append("  training (forward, backward) runs on the CPU")
         out.append(f"  why:     {st.why}")
         out.append(f"  tested:  {st.tested or 'not tested'}")
