@@ -389,7 +389,7 @@ def test_bundle_only_is_deterministic_self_contained_and_self_tests(art, tmp_pat
 
 def test_aarch64_bundles_pin_the_stock_onnxruntime_wheel(art, tmp_path):
     """No source build: the bundle's requirements.txt pins plain onnxruntime from PyPI for the board."""
-    for name, version in (("jetson-nano", "1.28.0"), ("raspberry-pi-4", "1.32.0")):
+    for name, version in (("jetson-nano", "1.27.0"), ("raspberry-pi-4", "1.27.0")):
         r = subprocess.run([bin_path("flash-board"), "--profile", name, "--artifacts", str(art),
                             "--bundle-only", str(tmp_path / f"{name}.tar.gz")], capture_output=True, text=True,
                            timeout=60)
