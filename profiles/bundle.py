@@ -172,7 +172,7 @@ def requirements_text(profile: Profile, versions: dict[str, str]) -> str:
         "#   python3 -m pip install -r requirements.txt     (or flash-board --install-deps)",
         "# the edge runtime's own requirements, pinned to the versions splitedge was tested with:",
         *(f"{d}=={v}" for d, v in versions.items()),
-        f"# ONNX Runtime with the training APIs: {o.package} {o.version}, {o.origin}",
+        f"# ONNX Runtime: {o.package} {o.version}, {o.origin}",
     ]
     if o.source == "pypi":
         lines += list(o.requirements)
@@ -184,7 +184,7 @@ def requirements_text(profile: Profile, versions: dict[str, str]) -> str:
             ]
     else:
         lines += [
-            "# NOT installable from PyPI for this board: no wheel of ORT's training build exists for it.",
+            f"# NOT installable from PyPI for this board: no wheel of {o.package} {o.version} exists for it.",
             f"# Build it from source (docs/deploying.md), in a checkout of onnxruntime v{o.version}:",
             "#   git clone --recursive --branch v" + o.version + " https://github.com/microsoft/onnxruntime",
             f"#   cd onnxruntime && {o.build}",

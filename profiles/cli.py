@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .schema import Profile, ProfileError, load, shipped
+from .schema import GRAPHS, Profile, ProfileError, load, shipped
 
 
 class ProfileParam(click.ParamType):
@@ -70,10 +70,54 @@ def show_cmd(profile: Profile, as_json: bool, here: bool) -> None:
         text = f.read()
     click.echo(f"# {profile.path}")
     click.echo(text.rstrip("\n"))
+    if profile.stacks:
+        click.echo("")
+        for line in stacks_summary(profile):
+            click.echo(f"# {line}" if line else "#")
     if here:
         h = _here(profile)
         click.echo(f"\n# on this machine ONNX Runtime reports: {', '.join(h['available'])}")
         click.echo(f"# {h['sentence']}")
+
+
+def stacks_summary(profile: Profile) -> list[str]:
+    """The ``[[stack]]`` entries in words: packages, which graph runs where, whether the
+    accelerator path can train, and whether splitedge's edge runtime can use the stack as is."""
+    out = [f"runtime stacks of {profile.name} (the portable graphs: inference, forward, backward; plain ONNX, "
+           "opset 13):"]
+    for st in profile.stacks:
+        out.append("")
+        state = "usable by splitedge" if st.usable else "NOT usable by splitedge as is"
+        out.append(f"{st.name}: {st.os}; Python {st.python}; {state}")
+        out += [f"  package: {pkg}" for pkg in st.packages]
+        out += [f"  system:  {sys_}" for sys_ in st.system]
+        out.append(f"  graphs:  {st.placement}")
+        for place in dict.fromkeys(getattr(st, g) for g in GRAPHS):
+            if place == "CPU":
+                continue
+            graphs = [g for g in GRAPHS if getattr(st, g) == place]
+            if graphs == ["inference"]:
+                out.append(f"  {place}: the inference graph only")
+            else:
+                out.append(f"  {place}: the {' and '.join(graphs)} graph{'s' if len(graphs) > 1 else ''}"
+                           + ("; trains on the accelerator" if set(graphs) >= {"forward", "backward"} else ""))
+        if st.accelerated and not st.trains_on_accelerator:
+            out.append("  this accelerator path cannot train: training (forward, backward) runs on the CPU")
+        elif not st.accelerated:
+            out.append("  training (forward, backward) runs on the CPU")
+        out.append(f"  why:     {st.why}")
+        out.append(f"  tested:  {st.tested or 'not tested'}")
+    usable = [st for st in profile.stacks if st.usable]
+    out.append("")
+    if not usable:
+        out.append(f"{profile.name}: no stack is usable by splitedge's edge runtime as is")
+    else:
+        where = sorted({st.forward for st in usable} | {st.backward for st in usable})
+        accel = [st.name for st in usable if st.trains_on_accelerator]
+        out.append(f"{profile.name}: splitedge trains on {' or '.join(where)} here (usable stacks: "
+                   f"{', '.join(st.name for st in usable)})"
+                   + ("" if accel else "; no usable stack trains on an accelerator"))
+    return out
 
 
 def _short(p: str) -> str:

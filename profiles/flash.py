@@ -3,8 +3,10 @@
 Steps, in order (each prints one line; a failure stops the flash and says why in plain words)::
 
     bundle    build the edge bundle locally (splitedge.profiles.bundle), deterministic
-    check     ssh: connect (BatchMode, never prompts), the board's Python (>= the profile's),
-              architecture, free disk space, rsync present?; creates <remote-dir>
+    check     ssh: connect (BatchMode, never prompts), probe the board read-only: its architecture
+              (uname -m) and Python version, free disk space, rsync present?; a profile for
+              another architecture, or a board Python older than the profile needs, stops here,
+              before anything is created or copied on the board
     copy      rsync over ssh if both ends have it, else scp, into <remote-dir>/.incoming-<flash-id>/
     unpack    into <remote-dir>/releases/<bundle-id>/ (a release already installed and GOOD is reused)
     deps      only with --install-deps: <python> -m pip install -r requirements.txt on the board
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle as B
-from .schema import Profile
+from .schema import ARCHES, Profile
 from .selftest import JSON_PREFIX
 
 
@@ -168,8 +170,10 @@ else
   echo "python=missing"
 fi
 if command -v rsync >/dev/null 2>&1; then echo "rsync=yes"; else echo "rsync=no"; fi
-if mkdir -p "$d/releases" 2>/dev/null && [ -w "$d" ]; then echo "writable=yes"; else echo "writable=no"; fi
-df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free_kb=" $4}'
+w="$d"
+while [ ! -e "$w" ] && [ "$w" != "/" ]; do w=$(dirname "$w"); done
+if [ -d "$w" ] && [ -w "$w" ]; then echo "writable=yes"; else echo "writable=no"; fi
+df -Pk "$w" 2>/dev/null | awk 'NR==2 {print "free_kb=" $4}'
 echo "current=$(readlink "$d/current" 2>/dev/null || true)"
 """
 
@@ -259,6 +263,47 @@ echo "marked={rel}.failed"
 
 def cleanup_script(remote_dir: str, incoming: str) -> str:
     return "set -u\n" + _dir_prelude(remote_dir) + f'rm -rf "$d/{incoming}"\n'
+
+
+# ------------------------------------------------------------------------------ profile and board
+
+def profiles_for_arch(arch: str) -> list[str]:
+    """The shipped profiles for boards of architecture ``arch``."""
+    from .schema import ProfileError, load, shipped
+
+    out = []
+    for name in shipped():
+        try:
+            if load(name).board.arch == arch:
+                out.append(name)
+        except ProfileError:
+            continue
+    return out
+
+
+def check_pairing(profile: Profile, facts: dict[str, str], *, board: str, remote_python: str) -> str | None:
+    """Why ``profile`` cannot go to this board, from the probe's facts (``arch``, ``python``,
+    ``python_path``), in words naming both; None when they pair. Pure: runs nothing."""
+    p = profile
+    arch = facts.get("arch") or "unknown"
+    if arch != p.board.arch:
+        others = [n for n in profiles_for_arch(arch)] if arch in ARCHES else []
+        hint = (f"choose a profile for {arch} boards ({', '.join(others)})" if others
+                else f"splitedge has profiles for {' and '.join(ARCHES)} boards only")
+        return (f"profile {p.name} is for {p.board.arch} boards but the board {board} is {arch} (uname -m); "
+                f"nothing was copied: {hint}")
+    ver = facts.get("python")
+    where = facts.get("python_path", remote_python)
+    if ver == "missing":
+        return (f"no Python 3 on the board at {remote_python!r} ({board}); profile {p.name} needs Python >= "
+                f"{p.board.python} (install it there, or pass --remote-python /path/to/python{p.board.python})")
+    if ver in (None, "broken") or not re.fullmatch(r"\d+\.\d+\.\d+", ver or ""):
+        return f"{remote_python!r} on the board {board} does not run as a Python interpreter"
+    if tuple(int(v) for v in ver.split("."))[:2] < p.board.python_tuple:
+        return (f"profile {p.name} needs Python >= {p.board.python} but the board {board} has Python {ver} "
+                f"({where}); nothing was copied: install Python {p.board.python} or newer there and pass "
+                f"--remote-python /path/to/python{p.board.python}")
+    return None
 
 
 # ------------------------------------------------------------------------------ the flash
@@ -514,18 +559,9 @@ class Flasher:
         py = self.req.remote_python
         if "dir" not in facts:
             raise FlashError("check", "the board's shell did not run the check script (is its login shell POSIX?)")
-        if facts.get("python") == "missing":
-            raise FlashError("check", f"no Python 3 on the board at {py!r} (install Python {p.board.python} there, "
-                                      f"or pass --remote-python /path/to/python{p.board.python})")
-        if facts.get("python") in (None, "broken"):
-            raise FlashError("check", f"{py!r} on the board does not run as a Python interpreter")
-        version = tuple(int(v) for v in facts["python"].split("."))
-        if version[:2] < p.board.python_tuple:
-            raise FlashError("check", f"the board's {py} ({facts.get('python_path', py)}) is Python {facts['python']};"
-                                      f" profile {p.name} needs Python >= {p.board.python} (pass --remote-python)")
-        if facts.get("arch") != p.board.arch:
-            raise FlashError("check", f"the board is {facts.get('arch')} but profile {p.name} is for "
-                                      f"{p.board.arch}: choose the profile of this board")
+        pairing = check_pairing(p, facts, board=f"{self.t.host} (port {self.t.port})", remote_python=py)
+        if pairing:
+            raise FlashError("check", pairing)
         if facts.get("writable") != "yes":
             raise FlashError("check", f"cannot create or write {facts['dir']} on the board (pass --remote-dir)")
         free = int(facts.get("free_kb") or 0) * 1024

@@ -46,6 +46,24 @@ Schema (``schema_version = 1``); every key is checked, unknown keys are errors::
     batch_size = 16                         # int >= 1: edge-train's default --batch-size
     memory_budget_mb = 2500                 # int >= 1: the self-test fails above this peak RSS
 
+    [[stack]]                               # optional, repeatable: the runtime stacks that serve this board,
+    name = "jetpack-4.6-gpu"                # one per OS release and path (GPU, NPU, CPU); str, [a-z0-9.-]
+    os = "JetPack 4.6.x (L4T R32.7.x)"      # str, required: the OS image / SDK release it is for
+    python = "3.6"                          # "3.N", required: the Python its wheels are built for
+    packages = ["onnxruntime-gpu==1.11.0"]  # list of str, required: exact packages and versions, and where from
+    system = ["TensorRT 8.2.1"]             # list of str, optional: what the OS image itself brings
+    inference = "TensorRT"                  # where each portable graph runs: TensorRT, CUDA, CANN, ATC, CPU;
+    forward = "CUDA"                        #   inference = the forward-only graph, forward/backward = the
+    backward = "CUDA"                       #   training step's two graphs (plain ONNX, opset 13)
+    usable = false                          # bool, required: does splitedge's edge runtime run on it as is?
+    why = "..."                             # str, required: why the graphs land where they do / why not usable
+    tested = "..."                          # str, optional: what was tried where ("" = nothing)
+
+``[[stack]]`` entries are what ``splitedge profiles show`` summarizes ("which packages, which
+graph runs where, can the accelerator train"); nothing selects providers from them. A stack
+whose ``inference`` graph runs on an accelerator while ``forward`` or ``backward`` stay on the
+CPU is an accelerator path that cannot train, and is shown as such.
+
 Both provider lists must end with ``CPUExecutionProvider`` (the fallback every ORT
 build has). The training list may only hold CUDA and CPU: ORT's training API takes
 the devices ``cpu`` and ``cuda`` only; TensorRT and CANN serve forward-only graphs.
@@ -141,6 +159,47 @@ class DeviceOptions:
     device_id: int = 0
 
 
+PLACES = ("TensorRT", "CUDA", "CANN", "ATC", "CPU")  # where a graph of a [[stack]] can run
+GRAPHS = ("inference", "forward", "backward")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One runtime stack that serves the board: an OS release, its Python, exact packages, and
+    where each of the portable backend's graphs runs with it."""
+
+    name: str
+    os: str
+    python: str
+    packages: tuple[str, ...]
+    inference: str
+    forward: str
+    backward: str
+    usable: bool
+    why: str
+    system: tuple[str, ...] = ()
+    tested: str = ""
+
+    @property
+    def accelerated(self) -> bool:
+        return any(getattr(self, g) != "CPU" for g in GRAPHS)
+
+    @property
+    def trains_on_accelerator(self) -> bool:
+        return self.forward != "CPU" and self.backward != "CPU"
+
+    @property
+    def placement(self) -> str:
+        """e.g. ``inference: TensorRT; forward: CPU; backward: CPU``."""
+        return "; ".join(f"{g}: {getattr(self, g)}" for g in GRAPHS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "os": self.os, "python": self.python, "packages": list(self.packages),
+                "system": list(self.system), "inference": self.inference, "forward": self.forward,
+                "backward": self.backward, "usable": self.usable, "why": self.why, "tested": self.tested,
+                "trains_on_accelerator": self.trains_on_accelerator}
+
+
 @dataclass(frozen=True)
 class Runtime:
     threads: int
@@ -162,6 +221,7 @@ class Profile:
     cuda: DeviceOptions = field(default_factory=DeviceOptions)
     cann: DeviceOptions = field(default_factory=DeviceOptions)
     notes: str = ""
+    stacks: tuple[Stack, ...] = ()
     path: str = ""  # the file it was read from
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +243,8 @@ class Profile:
             d["cuda"] = {"device_id": self.cuda.device_id}
         if CANN in self.forward:
             d["cann"] = {"device_id": self.cann.device_id}
+        if self.stacks:
+            d["stack"] = [st.to_dict() for st in self.stacks]
         return d
 
 
@@ -396,8 +458,53 @@ def from_dict(data: dict[str, Any], *, path: str = "<dict>") -> Profile:
                       memory_budget_mb=_int(rt, "memory_budget_mb", 1))
     rt.done(("threads", "batch_size", "memory_budget_mb"))
 
+    stacks = _stacks(top, path)
+
     top.done(("schema_version", "name", "description", "notes", "board", "ort", "providers", "tensorrt", "cuda",
-              "cann", "runtime"))
+              "cann", "runtime", "stack"))
     return Profile(schema_version=version, name=name, description=description, board=board, ort=ort,
                    forward=forward, training=training, runtime=runtime, tensorrt=tensorrt, cuda=devices["cuda"],
-                   cann=devices["cann"], notes=notes, path=path)
+                   cann=devices["cann"], notes=notes, stacks=stacks, path=path)
+
+
+_STACK_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*\Z")
+_STACK_KEYS = ("name", "os", "python", "packages", "system", "inference", "forward", "backward", "usable", "why",
+               "tested")
+
+
+def _strings(r: _Reader, k: str, *, required: bool) -> tuple[str, ...]:
+    v = r.take(k, list, required=required, default=[], allowed="a list of non-empty strings")
+    for i, line in enumerate(v):
+        if not isinstance(line, str) or not line.strip() or "\n" in line:
+            raise r.err(k, f"entry {i} must be one non-empty line", "non-empty strings", line)
+    return tuple(v)
+
+
+def _stacks(top: _Reader, path: str) -> tuple[Stack, ...]:
+    raw = top.take("stack", list, required=False, default=[], allowed="[[stack]] tables")
+    out: list[Stack] = []
+    for i, entry in enumerate(raw):
+        r = _Reader(entry, f"stack[{i}].", path)
+        name = r.take("name", str, allowed="lower-case letters, digits, '.' and '-'")
+        if not _STACK_NAME.match(name):
+            raise r.err("name", "is not a valid stack name", "lower-case letters, digits, '.' and '-'", name)
+        if any(st.name == name for st in out):
+            raise r.err("name", "names a stack twice", "a name used once", name)
+        python = r.take("python", str, allowed='"3.N", e.g. "3.11"')
+        if not _PYTHON.match(python):
+            raise r.err("python", "is not a Python version", '"3.N", e.g. "3.11"', python)
+        os_ = r.take("os", str)
+        packages = _strings(r, "packages", required=True)
+        if not packages:
+            raise r.err("packages", "must name the runtime package(s)", "a list of non-empty strings", [])
+        system = _strings(r, "system", required=False)
+        places = {g: _choice(r, g, PLACES) for g in GRAPHS}
+        usable = r.take("usable", bool)
+        why = r.take("why", str)
+        if not why.strip():
+            raise r.err("why", "must say why the graphs run where they do", "a sentence", why)
+        tested = r.take("tested", str, required=False, default="")
+        r.done(_STACK_KEYS)
+        out.append(Stack(name=name, os=os_, python=python, packages=packages, system=system, usable=usable, why=why,
+                         tested=tested, **places))
+    return tuple(out)

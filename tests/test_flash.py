@@ -214,11 +214,67 @@ def test_unreachable_board_and_missing_python_are_said_plainly(board, art, tmp_p
                     remote=tmp_path / "r")
     assert r.returncode == 1
     assert "FAILED at check: no Python 3 on the board at '/nonexistent/python3'" in r.stdout
-    # a profile for another architecture is refused before anything is copied
-    r = board.flash("--profile", "raspberry-pi-4", "--artifacts", str(art), remote=tmp_path / "r")
-    assert r.returncode == 1
-    assert "but profile raspberry-pi-4 is for aarch64: choose the profile of this board" in r.stdout
-    assert not (tmp_path / "r" / "current").exists()
+    assert not (tmp_path / "r").exists()  # the probe is read-only: nothing was created on the board
+
+
+@needs_sshd
+def test_a_profile_for_another_architecture_is_refused_before_anything_is_copied(board, art, tmp_path):
+    """This board is x86_64 (the test machine): an aarch64 profile stops at the check, naming both."""
+    host_arch = os.uname().machine
+    if host_arch != "x86_64":
+        pytest.skip(f"the test machine is {host_arch}; this case needs an x86_64 board")
+    remote = tmp_path / "r"
+    r = board.flash("--profile", "raspberry-pi-4", "--artifacts", str(art), remote=remote)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (f"FAILED at check: profile raspberry-pi-4 is for aarch64 boards but the board {board.host} "
+            f"(port {board.port}) is x86_64 (uname -m); nothing was copied: choose a profile for x86_64 boards "
+            f"(cpu)") in r.stdout, r.stdout
+    for step in ("copy", "unpack", "selftest"):
+        assert f"  {step} " not in r.stdout, step
+    assert not remote.exists()
+
+
+@needs_sshd
+def test_a_board_python_older_than_the_profile_needs_is_refused_before_anything_is_copied(board, art, tmp_path):
+    """The board's real Python (this interpreter) against a profile that asks for a newer one."""
+    future = tmp_path / "cpu-future.toml"
+    future.write_text((schema.PROFILE_DIR / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-future"')
+                      .replace('python = "3.11"', 'python = "3.99"'))
+    remote = tmp_path / "r"
+    r = board.flash("--profile", str(future), "--artifacts", str(art), remote=remote)
+    assert r.returncode == 1, r.stdout + r.stderr
+    have = "%d.%d.%d" % sys.version_info[:3]
+    assert (f"FAILED at check: profile cpu-future needs Python >= 3.99 but the board {board.host} (port {board.port})"
+            f" has Python {have} ({sys.executable}); nothing was copied") in r.stdout, r.stdout
+    assert "  copy " not in r.stdout and not remote.exists()
+
+
+def test_pairing_check_names_the_profile_and_the_board_both_ways():
+    from splitedge.profiles import load
+
+    nano, cpu = load("jetson-nano"), load("cpu")
+    ok = {"arch": "aarch64", "python": "3.11.2", "python_path": "/usr/bin/python3"}
+    assert F.check_pairing(nano, ok, board="root@pi (port 22)", remote_python="python3") is None
+    # an x86_64 profile to an aarch64 board
+    msg = F.check_pairing(cpu, ok, board="root@pi (port 22)", remote_python="python3")
+    assert msg.startswith("profile cpu is for x86_64 boards but the board root@pi (port 22) is aarch64 (uname -m); "
+                          "nothing was copied: choose a profile for aarch64 boards (")
+    assert "jetson-nano" in msg and "raspberry-pi-4" in msg and "cpu," not in msg
+    # an aarch64 profile to an x86_64 board
+    msg = F.check_pairing(nano, {**ok, "arch": "x86_64"}, board="b (port 2)", remote_python="python3")
+    assert msg == ("profile jetson-nano is for aarch64 boards but the board b (port 2) is x86_64 (uname -m); "
+                   "nothing was copied: choose a profile for x86_64 boards (cpu)")
+    msg = F.check_pairing(nano, {**ok, "arch": "armv7l"}, board="b (port 2)", remote_python="python3")
+    assert "the board b (port 2) is armv7l" in msg and "profiles for x86_64 and aarch64 boards only" in msg
+    # JetPack 4.6's own Python
+    msg = F.check_pairing(nano, {**ok, "python": "3.6.9"}, board="nano (port 22)", remote_python="python3")
+    assert msg.startswith(f"profile jetson-nano needs Python >= {nano.board.python} but the board nano (port 22) "
+                          "has Python 3.6.9 (/usr/bin/python3); nothing was copied")
+    assert msg.endswith(f"--remote-python /path/to/python{nano.board.python}")
+    assert F.check_pairing(nano, {**ok, "python": "missing"}, board="n", remote_python="py").startswith(
+        "no Python 3 on the board at 'py' (n); profile jetson-nano needs Python >= ")
+    assert "does not run as a Python interpreter" in F.check_pairing(nano, {**ok, "python": "broken"}, board="n",
+                                                                     remote_python="py")
 
 
 # ------------------------------------------------------------------------------------- arguments
@@ -331,14 +387,19 @@ def test_bundle_only_is_deterministic_self_contained_and_self_tests(art, tmp_pat
     assert "FAIL at bundle: the bundle is damaged: artifacts/client/checkpoint does not match its sha256" in r.stdout
 
 
-def test_jetson_bundle_says_the_ort_build_comes_from_source(art, tmp_path):
-    r = subprocess.run([bin_path("flash-board"), "--profile", "jetson-nano", "--artifacts", str(art),
-                        "--bundle-only", str(tmp_path / "j.tar.gz")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    with tarfile.open(tmp_path / "j.tar.gz") as tar:
-        req = tar.extractfile("requirements.txt").read().decode()
-    assert "NOT installable from PyPI" in req and "--enable_training_apis" in req and "--use_tensorrt" in req
-    assert not [ln for ln in req.splitlines() if ln.startswith("onnxruntime")]  # only comments name ORT
+def test_aarch64_bundles_pin_the_stock_onnxruntime_wheel(art, tmp_path):
+    """No source build: the bundle's requirements.txt pins plain onnxruntime from PyPI for the board."""
+    for name, version in (("jetson-nano", "1.27.0"), ("raspberry-pi-4", "1.27.0")):
+        r = subprocess.run([bin_path("flash-board"), "--profile", name, "--artifacts", str(art),
+                            "--bundle-only", str(tmp_path / f"{name}.tar.gz")], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        with tarfile.open(tmp_path / f"{name}.tar.gz") as tar:
+            req = tar.extractfile("requirements.txt").read().decode()
+        pins = [ln for ln in req.splitlines() if ln and not ln.startswith("#")]
+        assert f"onnxruntime=={version}" in pins and "NOT installable" not in req and "build.sh" not in req
+        assert not any(p.startswith(("onnxruntime-training", "torch")) for p in pins), pins
+        assert "# Python >= 3.11 on aarch64" in req
 
 
 def test_jetson_bundle_self_test_shows_the_cpu_fallback_here(art, tmp_path):

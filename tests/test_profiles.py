@@ -49,15 +49,67 @@ def test_every_shipped_profile_validates():
         assert p.forward[-1] == CPU and p.training[-1] == CPU
         assert set(p.training) <= {CUDA, CPU}
         assert p.description and p.ort.origin and p.board.python == "3.11"
-        assert (p.ort.source == "pypi") == (name == "cpu")
-        if p.ort.source == "source":
-            assert "--enable_training_apis" in p.ort.build and "--build_wheel" in p.ort.build
+        # no shipped profile needs a source build any more: stock wheels serve every board
+        assert p.ort.source == "pypi" and not p.ort.build
         assert p.to_dict()["providers"]["forward"] == list(p.forward)
-    assert TRT in P.load("jetson-nano").forward and "--use_tensorrt" in P.load("jetson-nano").ort.build
+        if p.board.arch == "aarch64":
+            # plain onnxruntime, pinned, and a [[stack]] that splitedge can use, on the CPU, with the same pin
+            assert p.ort.package == "onnxruntime" and p.ort.requirements == (f"onnxruntime=={p.ort.version}",)
+            usable = [st for st in p.stacks if st.usable]
+            assert usable and all(st.placement == "inference: CPU; forward: CPU; backward: CPU" for st in usable)
+            assert all(st.python == p.board.python for st in usable)
+            assert any(pkg.startswith(f"onnxruntime=={p.ort.version} ") for st in usable for pkg in st.packages)
+    assert TRT in P.load("jetson-nano").forward
     assert P.load("jetson-nano").tensorrt == schema.TensorRTOptions(fp16=True, engine_cache=True,
                                                                      engine_cache_dir="trt-engines")
-    assert P.load("atlas-200dk").forward == (CANN, CPU) and "--use_cann" in P.load("atlas-200dk").ort.build
+    assert P.load("atlas-200dk").forward == (CANN, CPU)
     assert P.load("cpu").ort.requirements == ("onnxruntime-training-cpu==1.19.2", "torch==2.13.0")
+    # one pin for every aarch64 board: the newest onnxruntime that ran on the emulated board (and whose cp311
+    # aarch64 wheel is tagged manylinux_2_27, for the Ubuntu 18.04 boards' glibc 2.27)
+    assert {P.load(n).ort.version for n in SHIPPED if n != "cpu"} == {"1.27.0"}
+
+
+def test_the_accelerator_stacks_say_where_each_graph_runs_and_whether_they_train():
+    nano = {st.name: st for st in P.load("jetson-nano").stacks}
+    gpu = nano["jetpack-4.6-gpu"]
+    assert (gpu.inference, gpu.forward, gpu.backward) == ("TensorRT", "CUDA", "CUDA") and not gpu.usable
+    assert gpu.python == "3.6" and "TensorRT 8.2.1" in gpu.system and "CUDA 10.2" in gpu.system
+    assert gpu.packages[0].startswith("onnxruntime-gpu==1.11.0: onnxruntime_gpu-1.11.0-cp36-cp36m-linux_aarch64.whl")
+    orin = {st.name: st for st in P.load("jetson-orin-nano").stacks}["jetpack-6-gpu"]
+    assert orin.python == "3.10" and "TensorRT 10.3" in orin.system and "CUDA 12.6" in orin.system
+    assert orin.packages[0].startswith("onnxruntime-gpu==1.23.0: onnxruntime_gpu-1.23.0-cp310-cp310-linux_aarch64.whl")
+    atlas = {st.name: st for st in P.load("atlas-200dk").stacks}
+    assert atlas["cann-atc"].inference == "ATC" and atlas["cann-ep"].inference == "CANN"
+    for st in (atlas["cann-atc"], atlas["cann-ep"]):
+        assert (st.forward, st.backward) == ("CPU", "CPU") and st.accelerated and not st.trains_on_accelerator
+
+    r = run(bin_path("splitedge"), "profiles", "show", "jetson-nano")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "# jetpack-4.6-gpu: JetPack 4.6.1-4.6.6 (L4T R32.7.x, Ubuntu 18.04); Python 3.6; NOT usable by splitedge" in out
+    assert "#   package: onnxruntime-gpu==1.11.0: onnxruntime_gpu-1.11.0-cp36-cp36m-linux_aarch64.whl" in out
+    assert "#   graphs:  inference: TensorRT; forward: CUDA; backward: CUDA" in out
+    assert "#   TensorRT: the inference graph only\n" in out and "cannot train" not in out  # it trains on CUDA
+    assert "#   CUDA: the forward and backward graphs; trains on the accelerator" in out
+    assert "#   system:  TensorRT 8.2.1" in out and "#   system:  CUDA 10.2" in out
+    assert "# jetpack-4.6-cpu:" in out and "#   package: onnxruntime==1.27.0 (PyPI, cp311 manylinux_2_27 aarch64)" in out
+    assert ("# jetson-nano: splitedge trains on CPU here (usable stacks: jetpack-4.6-cpu); no usable stack trains "
+            "on an accelerator") in out
+    # JetPack 6.x is not for the Nano: the profile says so and names its packages
+    assert "JetPack 6.x does not support the" in out and "onnxruntime-gpu 1.23.0" in out
+    import tomllib
+
+    tomllib.loads(out)  # the summary is TOML comments: the output stays a valid profile file
+
+    r = run(bin_path("splitedge"), "profiles", "show", "atlas-200dk")
+    out = r.stdout
+    assert "#   ATC: the inference graph only\n" in out and "#   CANN: the inference graph only\n" in out
+    assert out.count("#   this accelerator path cannot train: training (forward, backward) runs on the CPU") == 2
+    assert "onnxruntime-cann==1.20.1" in out and "atc --model=inference_model.onnx --framework=5" in out
+    r = run(bin_path("splitedge"), "profiles", "show", "jetson-orin-nano", "--json")
+    d = json.loads(r.stdout)
+    gpu = next(st for st in d["stack"] if st["name"] == "jetpack-6-gpu")
+    assert gpu["inference"] == "TensorRT" and gpu["trains_on_accelerator"] and not gpu["usable"]
 
 
 def test_profiles_are_frozen():
@@ -121,8 +173,24 @@ BAD = [
     ("bad-python", lambda t: t.replace('python = "3.11"', 'python = "3"'), "board.python", '"3.N"'),
     ("bad-name", lambda t: t.replace('name = "jetson-nano"', 'name = "Jetson Nano"'), "name", "not a valid"),
     ("section-without-provider", lambda t: t + "\n[cann]\ndevice_id = 0\n", "cann", "CANNExecutionProvider is not in"),
-    ("source-without-build", lambda t: re.sub(r'build = ".*"', 'build = ""', t), "ort.build", "build command"),
-    ("bad-version", lambda t: t.replace('version = "1.19.2"', 'version = "latest"'), "ort.version", "X.Y.Z"),
+    ("source-without-build", lambda t: t.replace('source = "pypi"', 'source = "source"'), "ort.build",
+     "build command"),
+    ("bad-version", lambda t: t.replace('version = "1.27.0"', 'version = "latest"'), "ort.version", "X.Y.Z"),
+    ("stack-bad-place", lambda t: t.replace('inference = "TensorRT"', 'inference = "GPU"'), "stack[1].inference",
+     "allowed: TensorRT, CUDA, CANN, ATC, CPU"),
+    ("stack-unknown-key", lambda t: t.replace('usable = false', 'usable = false\ntrains = true'), "stack[1].trains",
+     "unknown key"),
+    ("stack-usable-not-bool", lambda t: t.replace('usable = false', 'usable = "no"'), "stack[1].usable",
+     "true or false"),
+    ("stack-without-why", lambda t: re.sub(r'(?m)^why = .*\n', '', t), "stack[0].why", "is missing"),
+    ("stack-twice", lambda t: t.replace('name = "jetpack-4.6-gpu"', 'name = "jetpack-4.6-cpu"'), "stack[1].name",
+     "names a stack twice"),
+    ("stack-bad-python", lambda t: t.replace('python = "3.6"', 'python = "three"'), "stack[1].python", '"3.N"'),
+    ("stack-no-packages", lambda t: re.sub(r'(?m)^packages = \["onnxruntime-gpu.*\n', 'packages = []\n', t),
+     "stack[1].packages", "must name"),
+    ("stack-not-a-table", lambda t: t[:t.index("[[stack]]")].replace("schema_version = 1",
+                                                                      "schema_version = 1\nstack = [3]"),
+     "stack[0]", "must be a table"),
 ]
 
 
