@@ -70,6 +70,8 @@ class ExportRequest:
     seed: int = 0
     momentum: float = 0.0  # SGD momentum (the portable backend; ORT's SGD has none)
     opset: int = 13  # opset of the portable graphs (client/portable/)
+    #: which backends' files to write; the ORT-training artifacts are skipped without "ort-training"
+    backends: tuple[str, ...] = ("ort-training", "portable")
 
 
 def load_state_file(path: str) -> dict[str, torch.Tensor]:
@@ -390,7 +392,8 @@ def _export(req: ExportRequest, log: Callable[[str], None]) -> tuple[Path, mf.Ma
             frozen_params=tuple(frozen),
             versions=_versions(),
             files={rel: mf.sha256_file(tmp / rel)
-                   for rel in (*mf.CLIENT_FILES, *portable_section["files"].values(), mf.SERVER_WEIGHTS)},
+                   for rel in (*mf.CLIENT_FILES, *portable_section["files"].values(), mf.SERVER_WEIGHTS)
+                   if (tmp / rel).is_file()},
             seed=req.seed,
             weights=os.path.abspath(req.weights) if req.weights else None,
             extra={"edge_params": cut.edge_params, "weight_notes": notes},
@@ -425,8 +428,6 @@ def _write_artifacts(
     """Writes client/ and server/ into ``tmp``; returns (trainable, frozen) parameter names and the
     manifest's ``portable`` section."""
     import onnxruntime
-    from onnxruntime.training import artifacts as ort_artifacts
-    from onnxruntime.training import onnxblock
     from safetensors.torch import save_file
 
     onnxruntime.set_default_logger_severity(3)
@@ -435,14 +436,16 @@ def _write_artifacts(
     (tmp / "server").mkdir()
     sample = torch.randn(2, *req.input_shape)
 
-    log("exporting the client part to ONNX (training form)")
-    train_proto = _torch_export(client, sample, training=True)
+    ort_training = "ort-training" in req.backends
+    if ort_training:
+        log("exporting the client part to ONNX (training form)")
+        train_proto = _torch_export(client, sample, training=True)
     log("exporting the client part to ONNX (inference form)")
     infer_proto = _torch_export(client, sample, training=False)
     onnx.checker.check_model(infer_proto)
     onnx.save(infer_proto, str(tmp / "client" / "inference_model.onnx"))
 
-    init_names = {i.name for i in train_proto.graph.initializer}
+    init_names = {i.name for i in (train_proto if ort_training else infer_proto).graph.initializer}
     named = dict(client.named_parameters())
     buffers = {k for k, _ in client.named_buffers() if not k.endswith("num_batches_tracked")}
     trainable = [k for k in named if k in init_names]
@@ -452,6 +455,21 @@ def _write_artifacts(
         raise RuntimeError(f"ONNX export renamed or dropped parameters: {sorted(missing)[:5]}")
     if not trainable:
         raise ExportError("the client part has no trainable parameters at this cut; choose a later --cut")
+
+    if ort_training:
+        _write_ort_training(tmp, req, train_proto, trainable, frozen, log)
+    section = _write_portable(tmp, req, client, sample, log)
+
+    log("saving the server part's weights")
+    sd = {k: v.detach().contiguous().clone() for k, v in server.state_dict().items()}
+    save_file(sd, str(tmp / mf.SERVER_WEIGHTS), metadata={"model": req.model, "cut": str(req.cut)})
+    return trainable, frozen, section
+
+
+def _write_ort_training(tmp: Path, req: ExportRequest, train_proto: onnx.ModelProto, trainable: list[str],
+                        frozen: list[str], log: Callable[[str], None]) -> None:
+    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import onnxblock
 
     log("generating ORT training artifacts (gradient graph, optimizer, checkpoint)")
     if req.optimizer == "sgd":
@@ -473,16 +491,13 @@ def _write_artifacts(
     for name in ("training_model.onnx", "optimizer_model.onnx", "inference_model.onnx"):
         onnx.checker.check_model(str(tmp / "client" / name))
 
-    log(f"exporting the client part to ONNX (inference form, opset {req.opset}, for the portable backend)")
-    infer13 = _torch_export(client, sample, training=False, opset=req.opset)
+
+def _write_portable(tmp: Path, req: ExportRequest, client: nn.Module, sample: torch.Tensor,
+                    log: Callable[[str], None]) -> dict:
     try:
-        section = portable.write(tmp, client, tuple(req.input_shape), infer13, opset=req.opset,
+        section = portable.write(tmp, client, tuple(req.input_shape), opset=req.opset,
                                  ir_version=portable.ir_version_for(req.opset), log=log)
     except portable.PortableExportError as e:
         raise ExportError(f"{req.model} cut {req.cut}: the portable graphs cannot be built: {e}") from None
     section["optimizer"] = portable.optimizer_section(req.optimizer, req.lr, req.weight_decay, req.momentum)
-
-    log("saving the server part's weights")
-    sd = {k: v.detach().contiguous().clone() for k, v in server.state_dict().items()}
-    save_file(sd, str(tmp / mf.SERVER_WEIGHTS), metadata={"model": req.model, "cut": str(req.cut)})
-    return trainable, frozen, section
+    return section

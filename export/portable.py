@@ -27,9 +27,9 @@ Route taken (no graph is written by hand per layer)
 
    The batch dimension stays symbolic: the graphs are traced at batch ``TRACE_BATCH`` and every
    reshape keeps dimension 0 from its input.
-3. The inference forward (running statistics) is ``torch.onnx.export`` in eval mode at the same
-   opset, with the parameters turned from initializers into graph inputs so the runtime feeds the
-   current weights.
+3. The inference forward (running statistics) is traced and translated the same way in eval mode
+   (BatchNorm as ``BatchNormalization``), with the parameters as graph inputs so the runtime feeds
+   the current weights.
 
 Every graph is checked with ``onnx.checker`` and against :data:`ALLOWED_OPS`; an op type outside
 that list stops the export (:class:`PortableExportError`).
@@ -394,6 +394,10 @@ class _Converter:
                                  self.op("Mul", [unbiased, self.const(m)])])
         return [y, mean_c, self.reshape(rstd, [c]), new_rm, new_rv]
 
+    def _op__native_batch_norm_legit_no_training(self, node, x, w, b, rm, rv, momentum, eps):
+        ins = [self.v(x), self.v(w), self.v(b), self.v(rm), self.v(rv)]
+        return [self.op("BatchNormalization", ins, epsilon=float(eps)), None, None]
+
     def _op_native_batch_norm_backward(self, node, grad, x, w, rm, rv, save_mean, save_invstd, train, eps, mask):
         if not train:
             raise PortableExportError("BatchNorm backward in eval mode")
@@ -503,12 +507,13 @@ def _value_info(name: str, shape, batched: bool) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
-def _trace(client: nn.Module, input_shape: tuple[int, ...]):
-    """AOTAutograd's forward and backward FX graphs of ``client`` in train mode."""
+def _trace(client: nn.Module, input_shape: tuple[int, ...], training: bool = True):
+    """AOTAutograd's forward and backward FX graphs of ``client`` in train mode (in eval mode: the
+    forward only, backward None)."""
     from functorch.compile import aot_function, default_partition, make_boxed_func
     from torch.func import functional_call
 
-    model = copy.deepcopy(client).train()
+    model = copy.deepcopy(client).train(training)
     for mod in model.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if mod.momentum is None or not mod.track_running_stats:
@@ -532,13 +537,32 @@ def _trace(client: nn.Module, input_shape: tuple[int, ...]):
 
     g = aot_function(f, fw_compiler=fw, bw_compiler=bw, partition_fn=default_partition)
     x = torch.randn(TRACE_BATCH, *input_shape)
-    args = [p.detach().clone().requires_grad_(True) for p in params.values()]
+    args = [p.detach().clone().requires_grad_(training) for p in params.values()]
     args += [b.detach().clone() for b in buffers.values()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = g(x, *args)
-        out.backward(torch.ones_like(out))
-    return graphs["fw"], graphs["bw"], list(params), list(buffers)
+        if training:
+            out.backward(torch.ones_like(out))
+    return graphs["fw"], graphs.get("bw"), list(params), list(buffers)
+
+
+def build_inference_graph(client: nn.Module, input_shape: tuple[int, ...], *, opset: int = DEFAULT_OPSET,
+                          ir_version: int = DEFAULT_IR) -> onnx.ModelProto:
+    """The eval-mode forward (BatchNorm on running statistics), parameters and statistics as inputs."""
+    fw, _, pnames, bnames = _trace(client, input_shape, training=False)
+    names = [INPUT] + pnames + bnames
+    ph = [n for n in fw.graph.nodes if n.op == "placeholder"]
+    conv = _Converter("i_")
+    outs = conv.run(fw, {n.name: names[i] for i, n in enumerate(ph)})
+    nodes = list(conv.nodes) + [helper.make_node("Identity", [conv.v(outs[0])], [ACTIVATION])]
+    sd = client.state_dict()
+    inputs = [_value_info(INPUT, (TRACE_BATCH, *input_shape), True)]
+    inputs += [_value_info(n, tuple(sd[n].shape), False) for n in pnames + bnames]
+    graph = helper.make_graph(nodes, "splitedge_inference", inputs,
+                              [_value_info(ACTIVATION, _meta_shape(outs[0]), True)], initializer=conv.inits)
+    _prune(graph)
+    return _finish(graph, opset, ir_version, "inference.onnx")
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -675,37 +699,14 @@ def build_training_graphs(client: nn.Module, input_shape: tuple[int, ...], *, op
     return fmodel, bmodel, io
 
 
-def inference_graph(infer_proto: onnx.ModelProto, param_names: list[str], opset: int, ir_version: int) -> onnx.ModelProto:
-    """The eval-mode forward with its parameters as graph inputs (the runtime feeds current weights)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(infer_proto)
-    g = m.graph
-    wanted = set(param_names)
-    keep, moved = [], []
-    for init in g.initializer:
-        (moved if init.name in wanted else keep).append(init)
-    missing = wanted - {i.name for i in moved}
-    if missing:
-        raise PortableExportError(f"the inference graph lacks parameters {sorted(missing)[:5]}")
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for init in moved:
-        g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    m.ir_version = ir_version
-    del m.opset_import[:]
-    m.opset_import.extend([helper.make_opsetid("", opset)])
-    check_model(m, "inference.onnx")
-    return m
-
-
-def write(directory: Path, client: nn.Module, input_shape: tuple[int, ...], infer_proto: onnx.ModelProto, *,
+def write(directory: Path, client: nn.Module, input_shape: tuple[int, ...], *,
           opset: int, ir_version: int, log=lambda s: None) -> dict:
     """Writes the portable graphs and initial parameters into ``directory``; returns the manifest section."""
     if opset < DEFAULT_OPSET:
         raise PortableExportError(f"--opset {opset}: the portable graphs need opset {DEFAULT_OPSET} or later")
     log(f"deriving the portable forward and backward graphs (AOTAutograd, opset {opset}, IR {ir_version})")
     fmodel, bmodel, io = build_training_graphs(client, input_shape, opset=opset, ir_version=ir_version)
-    imodel = inference_graph(infer_proto, io["params"] + io["buffers"], opset, ir_version)
+    imodel = build_inference_graph(client, input_shape, opset=opset, ir_version=ir_version)
     (directory / "client" / "portable").mkdir(parents=True, exist_ok=True)
     onnx.save(fmodel, str(directory / FILES["forward"]))
     onnx.save(bmodel, str(directory / FILES["backward"]))
