@@ -5,8 +5,14 @@ seeds, five consecutive steps with the same injected gradient, SGD with momentum
 activation, every parameter and BatchNorm's running statistics after each step match PyTorch eager.
 
 Tolerances (relative, in the 2-norm over the whole tensor or the whole parameter set):
-activation ACT_RTOL, parameters and running statistics PARAM_RTOL. Both implementations compute in
-float32; they differ by summation order only (measured: activations ~1e-6, parameters ~1e-6).
+activation ACT_RTOL (1e-3), parameters and running statistics PARAM_RTOL (1e-3 with SGD, 2e-3
+with AdamW). Both sides compute in float32 and differ by summation order only. Measured on a
+2-vCPU machine: usually 1e-7..1e-5; the largest seen were 5.9e-4 (an activation after three
+steps of MobileNetV2 cut 5) and 5.5e-4 (ShuffleNetV2 cut 3 parameters after one AdamW step:
+AdamW divides by sqrt(v), so gradient components at float32 noise level, e.g. the analytically
+zero gradient of a BatchNorm bias followed by a convolution and another BatchNorm, take lr-sized
+steps whose sign is the noise's). A wrong gradient formula gives errors of order 1. Against a
+float64 PyTorch reference the portable gradients were as close as float32 PyTorch's own.
 The deep cuts are marked slow (their export takes 30-60 s on a 2-vCPU machine).
 """
 
@@ -28,8 +34,8 @@ from splitedge.export import onnx_export as oe  # noqa: E402
 from splitedge.export import portable as pt  # noqa: E402
 from splitedge.export import split, zoo  # noqa: E402
 
-ACT_RTOL = 1e-4
-PARAM_RTOL = 1e-4
+ACT_RTOL = 1e-3
+PARAM_RTOL = {"sgd": 1e-3, "adamw": 2e-3}
 SHAPE = (3, 32, 32)
 BATCH = 8
 GRAD_SCALE = 1e-3
@@ -107,11 +113,11 @@ def test_steps_match_pytorch_eager(model, cut, opt, tmp_path_factory):
             ours = em.get_parameters()
             sd = client.state_dict()
             err = _rel(_flat(ours, params), _flat(sd, params))
-            assert err < PARAM_RTOL, (seed, step, "parameters", err)
+            assert err < PARAM_RTOL[opt], (seed, step, "parameters", err)
             # the parameters moved, so the comparison is not of two unchanged copies
             assert _rel(_flat(ours, params), _flat(start, params)) > 10 * err
             if stats:
-                assert _rel(_flat(ours, stats), _flat(sd, stats)) < PARAM_RTOL, (seed, step, "running statistics")
+                assert _rel(_flat(ours, stats), _flat(sd, stats)) < PARAM_RTOL[opt], (seed, step, "running statistics")
         client.eval()
         xe = rng.standard_normal((BATCH, *SHAPE)).astype(np.float32)
         assert _rel(em.infer(xe), client(torch.from_numpy(xe)).detach().numpy()) < ACT_RTOL
