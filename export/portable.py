@@ -38,6 +38,7 @@ that list stops the export (:class:`PortableExportError`).
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,21 @@ class _Converter:
                 xm = self.transpose(self.reshape(xs, [0, cin, -1]), [0, 2, 1])  # N, HW, Cin
                 prod = self.reduce_sum(self.op("MatMul", [gm, xm]), [0], 0)  # Cout, Cin
                 outs[1] = self.reshape(prod, [cout, cin, 1, 1])
+            elif groups == 1 and d == [1, 1] and os.environ.get("SPLITEDGE_WGRAD", "im2col") == "im2col":
+                # im2col: the kh*kw strided windows of the padded input, then one batched MatMul
+                xp = xv
+                if p != [0, 0]:
+                    xp = self.op("Pad", [xv, self.i64([0, 0, p[0], p[1], 0, 0, p[0], p[1]]), self.const(0.0)],
+                                 mode="constant")
+                cols = []
+                for i in range(kh):
+                    for j in range(kw):
+                        win = self.slice(xp, [i, j], [i + s[0] * (ho - 1) + 1, j + s[1] * (wo - 1) + 1], [2, 3], s)
+                        cols.append(self.op("Unsqueeze", [win, self.i64([2])]))
+                col = cols[0] if len(cols) == 1 else self.op("Concat", cols, axis=2)  # N, Cin, k*k, Ho, Wo
+                col = self.transpose(self.reshape(col, [0, cin * kh * kw, ho * wo]), [0, 2, 1])
+                prod = self.op("MatMul", [self.reshape(g, [0, cout, ho * wo]), col])  # N, Cout, Cin*k*k
+                outs[1] = self.reshape(self.reduce_sum(prod, [0], 0), [cout, cin, kh, kw])
             else:
                 cog = cout // groups
                 if groups == 1:
@@ -624,8 +640,23 @@ def build_training_graphs(client: nn.Module, input_shape: tuple[int, ...], *, op
     f_graph_nodes = list(fconv.nodes)
     outputs: list[onnx.ValueInfoProto] = []
 
+    renamed: dict[str, str] = {}
+    graph_inputs = set(primal_names)
+
     def alias(src: str, dst: str) -> None:
-        f_graph_nodes.append(helper.make_node("Identity", [src], [dst]))
+        """Makes value ``src`` a graph output named ``dst``: by renaming it where that is possible
+        (an Identity node would copy the tensor on every run), else through an Identity."""
+        if src in graph_inputs or src in renamed:
+            f_graph_nodes.append(helper.make_node("Identity", [renamed.get(src, src)], [dst]))
+            return
+        renamed[src] = dst
+        for node in f_graph_nodes:
+            for k, name in enumerate(node.output):
+                if name == src:
+                    node.output[k] = dst
+            for k, name in enumerate(node.input):
+                if name == src:
+                    node.input[k] = dst
 
     alias(fconv.v(act_node), ACTIVATION)
     act_shape = _meta_shape(act_node)
