@@ -204,3 +204,23 @@ def test_portable_backend_adds_no_torch_or_ort_training_import(tmp_path_factory)
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ort_training_backend_refuses_portable_checkpoints_and_momentum(tmp_path):
+    from splitedge.runtime_edge.backend_errors import BackendMismatch
+    from splitedge.runtime_edge.ort_backend import EdgeModel as OrtModel
+    from splitedge.runtime_edge.portable_backend import EdgeModel
+
+    art = tmp_path / "a"
+    oe.export(oe.ExportRequest("resnet18", 3, input_shape=(1, 28, 28), out=str(art)))
+    ck = tmp_path / "edge_checkpoint"
+    EdgeModel(art).save_checkpoint(ck)
+    with pytest.raises(BackendMismatch, match="portable edge backend.*--backend portable"):
+        OrtModel(art, checkpoint=ck)
+    # and the portable backend resumes it
+    assert EdgeModel(art, checkpoint=ck).get_parameters().keys() == OrtModel(art).get_parameters().keys()
+    raw = json.loads((art / "manifest.json").read_text())
+    raw["portable"]["optimizer"]["momentum"] = 0.9
+    (art / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(mf.ManifestError, match="momentum.*--backend portable"):
+        OrtModel(art)
