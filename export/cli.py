@@ -52,7 +52,13 @@ class InputShape(click.ParamType):
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.01, show_default=True,
               help="Edge learning rate (stored in the manifest; edge-train may override).")
 @click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True,
-              help="AdamW's decoupled weight decay.")
+              help="Weight decay: AdamW's decoupled one; for SGD on the portable backend torch's L2 term.")
+@click.option("--momentum", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="SGD momentum (torch.optim.SGD's formula; the portable backend only: ORT training's SGD has "
+                   "none and refuses artifacts with momentum).")
+@click.option("--opset", type=click.IntRange(13, 17), default=13, show_default=True,
+              help="ONNX opset of the portable graphs in client/portable/ (13, IR 7: what TensorRT 8.2, Ascend "
+                   "ATC and ONNX Runtime 1.10+ accept; higher opsets get IR 8).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weight initialisation.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Artifact directory [default: artifacts/<model>-cut<N>].")
@@ -60,8 +66,14 @@ class InputShape(click.ParamType):
               help="Replace an existing --out artifact directory, with everything in it (never a directory without "
                    "manifest.json).")
 @click.option("--quiet", "-q", is_flag=True, help="Only print errors.")
-def main(model, cut, list_cuts, input_shape, num_classes, weights, optimizer, lr, weight_decay, seed, out, force, quiet):
-    """Export the edge part of MODEL cut at --cut as ONNX Runtime training artifacts.
+def main(model, cut, list_cuts, input_shape, num_classes, weights, optimizer, lr, weight_decay, momentum, opset, seed,
+         out, force, quiet):
+    """Export the edge part of MODEL cut at --cut for both edge backends.
+
+    \b
+    ort-training: ONNX Runtime on-device training artifacts (onnxruntime-training 1.19.2).
+    portable: plain ONNX graphs for any ONNX Runtime (or TensorRT/CANN), derived from the
+    PyTorch module by AOTAutograd; BatchNorm and the optimizers follow torch exactly.
 
     \b
     Writes, atomically (all or nothing), into --out:
@@ -70,6 +82,8 @@ def main(model, cut, list_cuts, input_shape, num_classes, weights, optimizer, lr
       client/inference_model.onnx  eval-mode forward (BatchNorm running statistics)
       client/optimizer_model.onnx  SGD or AdamW
       client/checkpoint            edge parameters (ORT checkpoint)
+      client/portable/             the portable backend: plain ONNX graphs (default domain, --opset):
+                                   forward_train.onnx, backward.onnx, inference.onnx, params.npz
       server/model.safetensors     the cloud part's weights (torchvision key names)
       manifest.json                shapes, optimizer, opset, versions, sha256 of every file
 
@@ -89,7 +103,7 @@ def main(model, cut, list_cuts, input_shape, num_classes, weights, optimizer, lr
     req = onnx_export.ExportRequest(
         model=model, cut=req_cut if req_cut is not None else 1, input_shape=input_shape,
         num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-        out=out, force=force, weights=weights, seed=seed,
+        out=out, force=force, weights=weights, seed=seed, momentum=momentum, opset=opset,
     )
     try:
         if list_cuts:

@@ -11,7 +11,16 @@ Layout of an artifact directory (format version 1)::
     client/inference_model.onnx   forward with BatchNorm on running statistics (evaluation, TensorRT/CANN)
     client/optimizer_model.onnx   ORT's SGD or AdamW
     client/checkpoint             ORT checkpoint: trainable and frozen (BatchNorm statistics) parameters
+    client/portable/forward_train.onnx  portable backend: train-mode forward (input + parameters in;
+                                  activation, moved BatchNorm statistics, saved tensors out)
+    client/portable/backward.onnx       portable backend: saved tensors + grad_activation + parameters
+                                  in; parameter gradients out
+    client/portable/inference.onnx      portable backend: eval-mode forward, parameters as inputs
+    client/portable/params.npz          portable backend: initial parameters and BatchNorm statistics
     server/model.safetensors      the server sub-model's state_dict (torchvision key names)
+
+The ``portable`` key describes the portable graphs (files, opset, IR version, allowed op types,
+optimizer). Manifests written before it existed have none; older readers ignore it.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ class Manifest:
     weights: str | None = None  # where the initial weights came from
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the portable backend's plain ONNX graphs (files, opset, IR version, optimizer); None in
+    #: manifests written before it existed. A top-level key older readers ignore, so the format
+    #: version stays 1.
+    portable: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -101,6 +114,7 @@ class Manifest:
                 weights=d.get("weights"),
                 format_version=int(version),
                 extra=dict(d.get("extra", {})),
+                portable=dict(d["portable"]) if isinstance(d.get("portable"), dict) else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import manifest as mf
-from . import split, zoo
+from . import portable, split, zoo
 
 OPSET = 17
 ACTIVATION = "activation"
@@ -68,6 +68,10 @@ class ExportRequest:
     force: bool = False
     weights: str | None = None
     seed: int = 0
+    momentum: float = 0.0  # SGD momentum (the portable backend; ORT's SGD has none)
+    opset: int = 13  # opset of the portable graphs (client/portable/)
+    #: which backends' files to write; the ORT-training artifacts are skipped without "ort-training"
+    backends: tuple[str, ...] = ("ort-training", "portable")
 
 
 def load_state_file(path: str) -> dict[str, torch.Tensor]:
@@ -139,7 +143,7 @@ class _InjectedGradLoss:
         return Loss()
 
 
-def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool) -> onnx.ModelProto:
+def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool, opset: int = OPSET) -> onnx.ModelProto:
     state = {k: v.clone() for k, v in part.state_dict().items()}
     buf = io.BytesIO()
     part.train(training)
@@ -158,7 +162,7 @@ def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool) -> onnx
                 input_names=[INPUT],
                 output_names=[ACTIVATION],
                 dynamic_axes={INPUT: {0: "batch"}, ACTIVATION: {0: "batch"}},
-                opset_version=OPSET,
+                opset_version=opset,
                 do_constant_folding=False,
                 training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
                 export_params=True,
@@ -311,6 +315,13 @@ def prepare(req: ExportRequest) -> tuple[nn.Module, int, list[split.CutInfo], li
         raise ExportError(f"--lr must be a positive number, got {req.lr}")
     if req.weight_decay < 0:
         raise ExportError(f"--weight-decay must be >= 0, got {req.weight_decay}")
+    if not (0 <= req.momentum < 1):
+        raise ExportError(f"--momentum must be in [0, 1), got {req.momentum}")
+    if req.momentum and req.optimizer != "sgd":
+        raise ExportError("--momentum is SGD's; AdamW has betas instead")
+    if not (portable.DEFAULT_OPSET <= req.opset <= portable.MAX_OPSET):
+        raise ExportError(f"--opset {req.opset}: choose {portable.DEFAULT_OPSET} to {portable.MAX_OPSET} "
+                          f"({portable.DEFAULT_OPSET} is what TensorRT 8.2, Ascend ATC and ONNX Runtime 1.10+ accept)")
     torch.manual_seed(req.seed)
     model = zoo.build(req.model, req.num_classes, req.input_shape[0])
     notes: list[str] = []
@@ -367,7 +378,7 @@ def _export(req: ExportRequest, log: Callable[[str], None]) -> tuple[Path, mf.Ma
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
-        trainable, frozen = _write_artifacts(tmp, req, client, server, log)
+        trainable, frozen, portable_section = _write_artifacts(tmp, req, client, server, log)
         m = mf.Manifest(
             model=req.model,
             cut=n_edge,
@@ -380,10 +391,13 @@ def _export(req: ExportRequest, log: Callable[[str], None]) -> tuple[Path, mf.Ma
             trainable_params=tuple(trainable),
             frozen_params=tuple(frozen),
             versions=_versions(),
-            files={rel: mf.sha256_file(tmp / rel) for rel in (*mf.CLIENT_FILES, mf.SERVER_WEIGHTS)},
+            files={rel: mf.sha256_file(tmp / rel)
+                   for rel in (*mf.CLIENT_FILES, *portable_section["files"].values(), mf.SERVER_WEIGHTS)
+                   if (tmp / rel).is_file()},
             seed=req.seed,
             weights=os.path.abspath(req.weights) if req.weights else None,
             extra={"edge_params": cut.edge_params, "weight_notes": notes},
+            portable=portable_section,
         )
         (tmp / mf.MANIFEST_NAME).write_text(m.to_json())
         _replace_dir(tmp, out)
@@ -410,11 +424,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def _write_artifacts(
     tmp: Path, req: ExportRequest, client: nn.Module, server: nn.Module, log: Callable[[str], None]
-) -> tuple[list[str], list[str]]:
-    """Writes client/ and server/ into ``tmp``; returns (trainable, frozen) parameter names."""
+) -> tuple[list[str], list[str], dict]:
+    """Writes client/ and server/ into ``tmp``; returns (trainable, frozen) parameter names and the
+    manifest's ``portable`` section."""
     import onnxruntime
-    from onnxruntime.training import artifacts as ort_artifacts
-    from onnxruntime.training import onnxblock
     from safetensors.torch import save_file
 
     onnxruntime.set_default_logger_severity(3)
@@ -423,14 +436,16 @@ def _write_artifacts(
     (tmp / "server").mkdir()
     sample = torch.randn(2, *req.input_shape)
 
-    log("exporting the client part to ONNX (training form)")
-    train_proto = _torch_export(client, sample, training=True)
+    ort_training = "ort-training" in req.backends
+    if ort_training:
+        log("exporting the client part to ONNX (training form)")
+        train_proto = _torch_export(client, sample, training=True)
     log("exporting the client part to ONNX (inference form)")
     infer_proto = _torch_export(client, sample, training=False)
     onnx.checker.check_model(infer_proto)
     onnx.save(infer_proto, str(tmp / "client" / "inference_model.onnx"))
 
-    init_names = {i.name for i in train_proto.graph.initializer}
+    init_names = {i.name for i in (train_proto if ort_training else infer_proto).graph.initializer}
     named = dict(client.named_parameters())
     buffers = {k for k, _ in client.named_buffers() if not k.endswith("num_batches_tracked")}
     trainable = [k for k in named if k in init_names]
@@ -440,6 +455,21 @@ def _write_artifacts(
         raise RuntimeError(f"ONNX export renamed or dropped parameters: {sorted(missing)[:5]}")
     if not trainable:
         raise ExportError("the client part has no trainable parameters at this cut; choose a later --cut")
+
+    if ort_training:
+        _write_ort_training(tmp, req, train_proto, trainable, frozen, log)
+    section = _write_portable(tmp, req, client, sample, log)
+
+    log("saving the server part's weights")
+    sd = {k: v.detach().contiguous().clone() for k, v in server.state_dict().items()}
+    save_file(sd, str(tmp / mf.SERVER_WEIGHTS), metadata={"model": req.model, "cut": str(req.cut)})
+    return trainable, frozen, section
+
+
+def _write_ort_training(tmp: Path, req: ExportRequest, train_proto: onnx.ModelProto, trainable: list[str],
+                        frozen: list[str], log: Callable[[str], None]) -> None:
+    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import onnxblock
 
     log("generating ORT training artifacts (gradient graph, optimizer, checkpoint)")
     if req.optimizer == "sgd":
@@ -461,7 +491,13 @@ def _write_artifacts(
     for name in ("training_model.onnx", "optimizer_model.onnx", "inference_model.onnx"):
         onnx.checker.check_model(str(tmp / "client" / name))
 
-    log("saving the server part's weights")
-    sd = {k: v.detach().contiguous().clone() for k, v in server.state_dict().items()}
-    save_file(sd, str(tmp / mf.SERVER_WEIGHTS), metadata={"model": req.model, "cut": str(req.cut)})
-    return trainable, frozen
+
+def _write_portable(tmp: Path, req: ExportRequest, client: nn.Module, sample: torch.Tensor,
+                    log: Callable[[str], None]) -> dict:
+    try:
+        section = portable.write(tmp, client, tuple(req.input_shape), opset=req.opset,
+                                 ir_version=portable.ir_version_for(req.opset), log=log)
+    except portable.PortableExportError as e:
+        raise ExportError(f"{req.model} cut {req.cut}: the portable graphs cannot be built: {e}") from None
+    section["optimizer"] = portable.optimizer_section(req.optimizer, req.lr, req.weight_decay, req.momentum)
+    return section

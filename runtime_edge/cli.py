@@ -66,6 +66,11 @@ class Partition(click.ParamType):
                    "checkpoint yet starts from the initial weights, skipping the steps the cloud applied).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
+@click.option("--backend", type=click.Choice(["ort-training", "portable"]), default="ort-training", show_default=True,
+              help="How the edge half trains. ort-training: onnxruntime-training 1.19.2's training API (x86_64, "
+                   "Python <= 3.11, imports torch). portable: the plain ONNX graphs in client/portable/ on any "
+                   "onnxruntime InferenceSession, numpy optimizer, BatchNorm and optimizers exactly as PyTorch. A "
+                   "checkpoint resumes only with the backend that wrote it.")
 @click.option("--profile", type=ProfileParam(as_string=True), default=None,
               help="Device profile, a name from `splitedge profiles list` or a profile file: execution providers "
                    "for the forward-only graph and for training, threads, default batch size.")
@@ -90,7 +95,7 @@ class Partition(click.ParamType):
               help="Steps between log lines when there is no progress bar.")
 def main(artifacts, connect, data, client_id, num_clients, partition, epochs, steps, batch_size, eval_every,
          eval_samples, eval_batch_size, summary, lr, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, threads,
-         profile, request_timeout, give_up, bandwidth, uplink, downlink, latency, curve_secret, server_key, progress,
+         backend, profile, request_timeout, give_up, bandwidth, uplink, downlink, latency, curve_secret, server_key, progress,
          log_every):
     """Train the edge half of split learning with ONNX Runtime.
 
@@ -146,7 +151,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         keep_checkpoints=keep_checkpoints, resume=resume,
         threads=threads, profile=profile, request_timeout_s=request_timeout, give_up_s=give_up, progress=progress,
         log_every=log_every, uplink_bps=link["--uplink"], downlink_bps=link["--downlink"], latency_s=latency_s,
-        curve_secret=curve_secret, server_key=server_key,
+        curve_secret=curve_secret, server_key=server_key, backend=backend,
     )
     import logging
     import os

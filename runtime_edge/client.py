@@ -100,6 +100,7 @@ class EdgeConfig:
     latency_s: float = 0.0
     curve_secret: str | None = None  # this edge's .key_secret (CurveZMQ)
     server_key: str | None = None  # the cloud's public server.key
+    backend: str = "ort-training"  # "ort-training" (onnxruntime-training) or "portable" (plain ONNX graphs)
 
 
 @dataclass
@@ -139,7 +140,12 @@ class EdgeClient:
         if cfg.summary:
             _check_summary_target(Path(cfg.summary))
             _check_writable_dir(Path(cfg.summary).parent, f"--summary {cfg.summary}: its directory")
-        from .ort_backend import CheckpointLoadError, EdgeModel
+        if cfg.backend == "portable":
+            from .portable_backend import CheckpointLoadError, EdgeModel
+        elif cfg.backend == "ort-training":
+            from .ort_backend import CheckpointLoadError, EdgeModel  # type: ignore[assignment]
+        else:
+            raise EdgeInputError(f"unknown edge backend {cfg.backend!r}; choose ort-training or portable")
 
         self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self.progress = Progress()
@@ -539,7 +545,7 @@ class EdgeClient:
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy on the test split (or its first --eval-samples), through the same codec."""
-        from .ort_backend import ModelLoadError
+        from .backend_errors import ModelLoadError
 
         ds = self.test_set
         n_total = len(ds.labels) if not self.cfg.eval_samples else min(self.cfg.eval_samples, len(ds.labels))

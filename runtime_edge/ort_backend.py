@@ -73,16 +73,8 @@ INPUT = "input"
 GRAD_INPUT = "grad_activation"
 
 
-class ModelLoadError(RuntimeError):
-    """ONNX Runtime cannot load a model or checkpoint file (``path`` names it)."""
-
-    def __init__(self, message: str, path: str | os.PathLike[str]):
-        super().__init__(message)
-        self.path = Path(path)
-
-
-class CheckpointLoadError(ModelLoadError):
-    """The edge checkpoint given to :class:`EdgeModel` (a --resume checkpoint) cannot be loaded."""
+from .backend_errors import (BackendMismatch, CheckpointLoadError, ModelLoadError,  # noqa: E402,F401 - re-exported
+                             checkpoint_backend, mismatch_message)
 
 
 def ort_reason(e: BaseException) -> str:
@@ -114,6 +106,8 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
 class EdgeModel:
     """Loads ``DIR/client`` and trains it with an injected activation gradient."""
 
+    backend = "ort-training"
+
     def __init__(
         self,
         artifacts: str | os.PathLike[str],
@@ -135,8 +129,15 @@ class EdgeModel:
                 raise mf.ManifestError(
                     f"{self.dir / mf.MANIFEST_NAME} lists no sha256 for {', '.join(unlisted)}, so these files cannot "
                     "be checked: the manifest is damaged or was edited; re-export with export-client")
+        opt = (self.manifest.portable or {}).get("optimizer") or {}
+        if opt.get("momentum"):
+            raise mf.ManifestError(
+                f"{self.dir} was exported with SGD momentum {opt['momentum']:g}: ONNX Runtime training's SGD has no "
+                "momentum; train these artifacts with --backend portable (or re-export without --momentum)")
         client = self.dir / "client"
         ckpt = Path(checkpoint) if checkpoint else client / "checkpoint"
+        if checkpoint and checkpoint_backend(ckpt) == "portable":
+            raise BackendMismatch(mismatch_message(ckpt, "portable", "ort-training"))
         try:
             self.state = CheckpointState.load_checkpoint(str(ckpt))
         except Exception as e:  # ORT raises RuntimeError or its own Exception subclasses

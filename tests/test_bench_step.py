@@ -14,7 +14,7 @@ from helpers import bin_path
 def test_bench_step_prints_and_writes_json(tmp_path):
     out = tmp_path / "step.json"
     res = subprocess.run(
-        [bin_path("splitedge"), "bench", "step", "--repeat", "2", "--codecs", "uq,sgq", "--shapes", "1x28x28",
+        [bin_path("splitedge"), "bench", "step", "--repeat", "2", "--codecs", "uq,sgq", "--shapes", "1x28x28", "--cut", "3", "--batch-size", "32",
          "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -25,6 +25,12 @@ def test_bench_step_prints_and_writes_json(tmp_path):
     assert r["input_shape"] == [1, 28, 28] and r["activation_shape"] == [32, 64, 14, 14]
     assert r["ort_step_ms"] > 0 and r["torch_step_ms"] > 0
     assert abs(r["ort_over_torch"] - r["ort_step_ms"] / r["torch_step_ms"]) < 0.01
+    # the portable backend side by side with ORT training and torch eager, same run
+    assert r["portable_ms"] > 0 and r["ort_training_ms"] == r["ort_step_ms"] and r["torch_ms"] == r["torch_step_ms"]
+    assert abs(r["portable_over_torch"] - r["portable_ms"] / r["torch_ms"]) < 0.01
+    assert abs(r["ort_training_over_portable"] - r["ort_training_ms"] / r["portable_ms"]) < 0.01
+    assert set(r["peak_rss_mib"]) == {"portable", "ort_training", "torch"}
+    assert "edge step on the portable backend" in res.stdout and "portable targets over 1 rows" in res.stdout
     assert [c["codec"] for c in r["codecs"]] == ["uq", "sgq"]
     for c in r["codecs"]:
         assert abs(c["encode_share"] - c["encode_ms"] / r["ort_step_ms"]) < 1e-3

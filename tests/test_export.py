@@ -147,7 +147,7 @@ def test_artifacts_layout_manifest_and_checker(exported):
     assert m.input_shape == (3, 32, 32) and m.activation_shape == (64, 16, 16)
     assert m.num_classes == 10 and m.opset == oe.OPSET and m.format_version == mf.FORMAT_VERSION
     assert m.optimizer.name == "sgd" and m.optimizer.lr == 0.01
-    assert set(m.files) == {*mf.CLIENT_FILES, mf.SERVER_WEIGHTS}
+    assert set(m.files) == {*mf.CLIENT_FILES, *m.portable["files"].values(), mf.SERVER_WEIGHTS}
     assert {"torch", "onnx", "onnxruntime", "splitedge", "numpy"} <= set(m.versions)
     assert set(m.trainable_params) == {"conv1.weight", "bn1.weight", "bn1.bias"}
     assert set(m.frozen_params) == {"bn1.running_mean", "bn1.running_var"}
