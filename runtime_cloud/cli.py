@@ -14,6 +14,8 @@ from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..fsutil import check_writable_dir, check_writable_file
 from ..transport import bind_endpoint_option
 
+MAX_MESSAGE_MB = 1 << 20  # 1 TiB: far above any activation, within ZeroMQ's 64-bit message size
+
 
 def parse_params(items: tuple[str, ...], option: str) -> dict:
     """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, true/false), else a string."""
@@ -87,7 +89,7 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
               help="Append JSON lines (one per step, error, FedAvg round, checkpoint) to this file.")
 @click.option("--client-timeout", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
               help="Seconds of silence after which a client is timed out (the others are not held up).")
-@click.option("--max-message-mb", type=FiniteFloat(min=0.001), default=256.0, show_default=True,
+@click.option("--max-message-mb", type=FiniteFloat(min=0.001, max=MAX_MESSAGE_MB), default=256.0, show_default=True,
               help="Largest message accepted (ZeroMQ drops bigger ones before allocating them), and the largest "
                    "array a compressed activation may decode to.")
 @click.option("--max-client-errors", type=click.IntRange(min=1), default=20, show_default=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -28,7 +29,7 @@ from .. import codecs as sc
 from .. import protocol as P
 from .. import security
 from ..export import manifest as mf
-from ..fsutil import CheckpointDir, atomic_write_json
+from ..fsutil import MAX_INT, CheckpointDir, atomic_write_json, is_int
 from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
 from .trainer import CorruptFile, ServerModel, StepRefused, read_json_object
 
@@ -678,7 +679,10 @@ class CloudServer:
     def _resume(self) -> None:
         if self.ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")
-        path = self.ckpt.latest()
+        try:
+            path = self.ckpt.latest()
+        except OSError as e:  # CheckpointDirError: its message says how to repair the directory
+            raise OSError(f"--resume: {e}") from None
         if path is None:
             log.info("--resume: no checkpoint in %s yet; starting fresh", self.cfg.checkpoint_dir)
             return
@@ -692,6 +696,7 @@ class CloudServer:
         except CorruptFile as e:
             raise CorruptFile(e.path, f"{e.why}. The checkpoint {path.name} is damaged: "
                                       f"{self._resume_advice(path)}") from None
+        self.ckpt.adopt(path)  # this run continues it: rotation may delete it once newer ones exist
         self.server_step = server_step
         self._last_ckpt_step = self.server_step
         self.progress = progress
@@ -723,20 +728,33 @@ class CloudServer:
 
 
 def _read_server_state(path: Path) -> tuple[int, str, int, dict[int, dict[str, Any]]]:
-    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it."""
+    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it
+    and the field unless every field has its type and range."""
     state = read_json_object(path)
     try:
         server_step, model, cut, clients = state["server_step"], state["model"], state["cut"], state["clients"]
-        if not (isinstance(server_step, int) and server_step >= 0 and isinstance(model, str) and isinstance(cut, int)):
-            raise TypeError("server_step, model or cut of the wrong type")
+        if state.get("format_version", 1) != 1:
+            raise ValueError(f"format_version {str(state['format_version'])[:20]} is not 1")
+        if not (is_int(server_step) and isinstance(model, str) and is_int(cut, 0, 1000)):
+            raise TypeError("server_step, model or cut of the wrong type or out of range")
+        if not isinstance(clients, dict):
+            raise TypeError("clients is not an object")
         progress = {}
         for k, v in clients.items():
-            if not (isinstance(v, dict) and isinstance(v.get("last_step"), int)):
-                raise TypeError(f"client {k}: no last_step")
-            progress[int(k)] = dict(v)
+            if not (_CLIENT_KEY.fullmatch(k) and is_int(int(k))):
+                raise ValueError(f"client id {k[:24]!r} is not an integer in 0..{MAX_INT}")
+            if not (isinstance(v, dict) and is_int(v.get("last_step"))):
+                raise TypeError(f"client {k}: last_step is not an integer in 0..{MAX_INT}")
+            if not isinstance(v.get("done", False), bool) or not (v.get("key") is None or (
+                    isinstance(v["key"], str) and len(v["key"]) == 40)):
+                raise TypeError(f"client {k}: done or key of the wrong type")
+            progress[int(k)] = {x: v[x] for x in ("last_step", "done", "key") if x in v}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptFile(path, f"is not a server state ({type(e).__name__}: {e})") from None
     return server_step, model, cut, progress
+
+
+_CLIENT_KEY = re.compile(r"0|[1-9][0-9]{0,15}")
 
 
 def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:

@@ -12,6 +12,10 @@ from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..profiles.cli import ProfileParam
 from ..transport import endpoint_option
 
+# the protocol's integers are within +-(2**53 - 1), and a step id stays below that (splitedge.protocol)
+MAX_STEPS = 2**53 - 2
+MAX_ID = 2**53 - 1
+
 
 class Partition(click.ParamType):
     name = "iid|dirichlet:ALPHA"
@@ -34,13 +38,13 @@ class Partition(click.ParamType):
 @click.option("--data", default="fashion-mnist", show_default=True,
               help="fashion-mnist | idx:DIR | cifar10:DIR | folder:DIR | synthetic[:...]. Read from disk, never "
                    "downloaded.")
-@click.option("--client-id", type=click.IntRange(min=0), default=0, show_default=True, help="This client's index.")
-@click.option("--num-clients", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--client-id", type=click.IntRange(0, MAX_ID), default=0, show_default=True, help="This client's index.")
+@click.option("--num-clients", type=click.IntRange(1, MAX_ID), default=1, show_default=True,
               help="Number of clients the training set is split between.")
 @click.option("--partition", type=Partition(), default="iid", show_default=True,
               help="How the training set is split: iid, or dirichlet:ALPHA (non-IID, seeded).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs over this client's shard [default: 1].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Train steps instead of --epochs.")
+@click.option("--epochs", type=click.IntRange(1, MAX_STEPS), default=None, help="Epochs over this client's shard [default: 1].")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Train steps instead of --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Training batch size (with --profile and no --batch-size: the profile's).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,

@@ -38,7 +38,8 @@ from .. import codecs as sc
 from .. import protocol as P
 from .. import security
 from ..export import manifest as mf
-from ..fsutil import CheckpointDir, atomic_write_json, probe_write
+from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
+                      load_json_object, probe_write)
 from ..shaping import Link
 from ..transport import client_socket
 from . import data as D
@@ -153,7 +154,10 @@ class EdgeClient:
                 raise EdgeInputError(
                     f"--resume: --checkpoint-dir {self.ckpt.root} does not exist, so no run wrote there (a mistyped "
                     "path?): give the directory of the run to continue, or leave out --resume to start a new run")
-            latest = self.ckpt.latest()
+            try:
+                latest = self.ckpt.latest()
+            except CheckpointDirError as e:
+                raise EdgeInputError(f"--resume: {e}") from None
             if latest is None:
                 log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
                             "starts from its initial weights", self.ckpt.root)
@@ -174,8 +178,15 @@ class EdgeClient:
                              reverse=True)
             hint = (f"resume from an earlier one by writing its name ({earlier[0]}) into {self.ckpt.root / 'LATEST'}, "
                     if earlier else "")
-            raise EdgeError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
-                            "--checkpoint-dir") from None
+            raise EdgeInputError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
+                                 "--checkpoint-dir") from None
+        if ckpt_file is not None:
+            bad = [k for k, v in self.model.get_parameters().items() if not np.isfinite(v).all()]
+            if bad:  # every step from these would be NaN, and the cloud would refuse them one by one
+                raise EdgeInputError(f"--resume: {ckpt_file}: parameter {bad[0]} holds NaN or Inf (a damaged or "
+                                     "diverged checkpoint); resume from an earlier one or start fresh")
+        if latest is not None and self.ckpt is not None:
+            self.ckpt.adopt(latest)  # this run continues it: rotation may delete it once newer ones exist
         self.manifest = self.model.manifest
         self.client_files = mf.client_digest(self.manifest)  # which export this edge half comes from (HELLO)
         # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
@@ -203,7 +214,13 @@ class EdgeClient:
         if self.batches_per_epoch < 1:
             raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
                             f"of {cfg.batch_size}")
+        if latest is not None and self.progress.batch >= self.batches_per_epoch:
+            raise EdgeInputError(f"--resume: {latest / 'edge_progress.json'}: batch {self.progress.batch} is beyond "
+                                 f"the {self.batches_per_epoch} batches of an epoch (a damaged checkpoint directory)")
         self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
+        if self.planned_steps > P.MAX_HEADER_INT - 1:  # step ids must stay protocol integers
+            raise EdgeInputError(f"{self.planned_steps} steps are more than the protocol counts "
+                                 f"({P.MAX_HEADER_INT - 1}): give fewer --epochs or --steps")
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
         self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
@@ -672,8 +689,8 @@ def _check_summary_target(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     try:
-        old = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+        old = load_json(path, max_bytes=1 << 20) if path.is_file() else None
+    except BadFile:
         old = None
     if not (isinstance(old, dict) and {"client_id", "final_accuracy", "steps"} <= old.keys()):
         raise EdgeInputError(f"--summary {path} exists and is not an edge-train summary: refusing to overwrite it "
@@ -760,16 +777,32 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> Non
 
 
 def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
-    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints)."""
+    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints).
+    EdgeInputError naming the file and the field unless each has its type and range."""
     try:
-        raw = json.loads(path.read_text())
-        run = raw.pop("run", None)
-        known = {f.name for f in fields(Progress)}
-        return Progress(**{k: v for k, v in raw.items() if k in known}), run if isinstance(run, dict) else None
-    except FileNotFoundError:
-        raise EdgeError(f"--resume: {path} is missing (a damaged checkpoint directory)") from None
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise EdgeError(f"--resume: {path} is unreadable ({type(e).__name__}: {e})") from None
+        raw = load_json_object(path)
+    except BadFile as e:
+        raise EdgeInputError(f"--resume: {e} (a damaged checkpoint directory)") from None
+
+    def bad(why: str) -> EdgeInputError:
+        return EdgeInputError(f"--resume: {path}: {why} (a damaged checkpoint directory)")
+
+    counts = {}
+    for f in fields(Progress):
+        if f.name == "evals" or f.name not in raw:
+            continue
+        v = raw[f.name]
+        if not is_int(v):
+            raise bad(f"{f.name} is {json.dumps(v)[:40]}, not an integer in 0..{MAX_INT}")
+        counts[f.name] = v
+    evals = raw.get("evals", [])
+    if not (isinstance(evals, list) and all(isinstance(e, dict) for e in evals)):
+        raise bad("evals is not a list of objects")
+    run = raw.get("run")
+    if run is not None and not (isinstance(run, dict) and all(
+            v is None or isinstance(v, (str, int, float)) for v in run.values())):
+        raise bad("run is not an object of plain values")
+    return Progress(**counts, evals=list(evals)), run
 
 
 class _Stop(Exception):

@@ -151,7 +151,10 @@ def _damage_weights(art: Path, dst: Path, *, empty_files: bool) -> Path:
 def test_garbage_server_weights_in_the_artifacts(art, tmp_path, empty_files):
     bad = _damage_weights(art, tmp_path / "art", empty_files=empty_files)
     res = _run("cloud-serve", "--artifacts", str(bad), "--bind", f"tcp://127.0.0.1:{launch.free_port()}")
-    _refused(res, str(bad / "server" / "model.safetensors"), "not a readable safetensors file", "export-client")
+    if empty_files:  # a file the manifest does not list cannot be checked: refused before it is read
+        _refused(res, "lists no sha256 for server/model.safetensors", "export-client")
+    else:
+        _refused(res, str(bad / "server" / "model.safetensors"), "not a readable safetensors file", "export-client")
 
 
 def test_server_weights_of_another_model(art, tmp_path):
@@ -159,8 +162,12 @@ def test_server_weights_of_another_model(art, tmp_path):
     from safetensors.torch import save_file
     import torch
 
-    bad = _damage_weights(art, tmp_path / "art", empty_files=True)
-    save_file({"x": torch.zeros(3)}, str(bad / "server" / "model.safetensors"))
+    bad = _damage_weights(art, tmp_path / "art", empty_files=False)
+    w = bad / "server" / "model.safetensors"
+    save_file({"x": torch.zeros(3)}, str(w))
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["server/model.safetensors"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(m))
     res = _run("cloud-serve", "--artifacts", str(bad), "--bind", f"tcp://127.0.0.1:{launch.free_port()}")
     _refused(res, "model.safetensors", "does not hold the weights of resnet18 cut 3", "1 unexpected (e.g. 'x')")
 
