@@ -40,11 +40,14 @@ from .. import security
 from ..export import manifest as mf
 from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
                       load_json_object, probe_write)
-from ..shaping import Link
+from ..shaping import Link, LinkInterrupted
 from ..transport import client_socket
 from . import data as D
 
 log = logging.getLogger("edge-train")
+
+RETRY_FIRST_S = 0.5  # first wait before asking the cloud again after an answer that allows no progress
+RETRY_MAX_S = 30.0  # longest such wait (doubling from RETRY_FIRST_S)
 
 
 class EdgeError(RuntimeError):
@@ -223,7 +226,8 @@ class EdgeClient:
                                  f"({P.MAX_HEADER_INT - 1}): give fewer --epochs or --steps")
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
-        self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
+        # the emulated link's waits (hours per message at 1bit) end at SIGINT/SIGTERM and at --give-up
+        self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s, interrupt=lambda: self.stop_signal is not None)
         if self.link.active:
             log.info("emulated link: %s", self.link.describe())
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
@@ -242,6 +246,8 @@ class EdgeClient:
         self.train_seen = 0
         self._welcomed = False  # set by the first WELCOME of this process
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next safe point
+        self._stuck_since: float | None = None  # first answer, since the last progress, that made the edge ask again
+        self._backoff = RETRY_FIRST_S
 
     # ------------------------------------------------------------------ requests
 
@@ -254,6 +260,18 @@ class EdgeClient:
         """
         out = P.pack(type_, header, frames)
         deadline = time.monotonic() + self.cfg.give_up_s
+        self.link.deadline = deadline
+        try:
+            return self._exchange(type_, out, want, match, deadline)
+        except LinkInterrupted:
+            self._check_stop()
+            raise EdgeError(f"{type_.name} and its answer cannot cross the emulated link ({self.link.describe()}) "
+                            f"within --give-up {self.cfg.give_up_s:g}s") from None
+        finally:
+            self.link.deadline = None
+
+    def _exchange(self, type_: P.MsgType, out: list, want: P.MsgType, match: tuple[str, Any] | None,
+                  deadline: float) -> P.Message:
         timeout = self.cfg.request_timeout_s
         sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
         self.progress.bytes_sent += sent or 0
@@ -323,6 +341,34 @@ class EdgeClient:
                 return msg
             # a late duplicate reply to an earlier retry: drop it
 
+    def _retry_later(self, e: "RemoteError", what: str) -> None:
+        """Waits before asking the cloud again after answer ``e`` (server_full, unknown_client, a stale_step
+        naming no later step): with exponential backoff, woken by SIGINT/SIGTERM, and EdgeError once
+        --give-up seconds have passed since the last progress (a step, an evaluation, a FedAvg round)."""
+        now = time.monotonic()
+        if self._stuck_since is None:
+            self._stuck_since, self._backoff = now, RETRY_FIRST_S
+        waited = now - self._stuck_since
+        if waited + self._backoff > self.cfg.give_up_s:
+            raise EdgeError(f"the cloud at {self.cfg.connect} answered {e} to every request for {waited:.0f}s; gave "
+                            f"up (--give-up {self.cfg.give_up_s:g}s)") from None
+        log.warning("%s: %s; asking again in %.1fs", what, e, self._backoff)
+        self._pause(self._backoff)
+        self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+
+    def _progressed(self) -> None:
+        self._stuck_since = None
+
+    def _pause(self, seconds: float) -> None:
+        """Sleeps ``seconds``; SIGINT/SIGTERM end it at once (:class:`_Stop`)."""
+        end = time.monotonic() + seconds
+        while True:
+            self._check_stop()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
     def hello(self) -> None:
         m = self.manifest
         header = {
@@ -334,8 +380,6 @@ class EdgeClient:
             "fresh": not self._welcomed and not self.cfg.resume,
             "client_files": self.client_files,
         }
-        deadline = time.monotonic() + self.cfg.give_up_s
-        wait = 1.0
         while True:
             try:
                 msg = self._request(P.MsgType.HELLO, header, [], P.MsgType.WELCOME)
@@ -344,11 +388,7 @@ class EdgeClient:
                 # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
                 if e.code != P.ErrorCode.SERVER_FULL:
                     raise
-                if time.monotonic() + wait > deadline:
-                    raise EdgeError(f"{e}; no place within --give-up {self.cfg.give_up_s:.0f}s") from None
-                log.warning("%s; asking again in %.0fs", e, wait)
-                time.sleep(wait)
-                wait = min(2 * wait, 30.0)
+                self._retry_later(e, "no place on the cloud")
         h = msg.header
         try:
             codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
@@ -466,7 +506,12 @@ class EdgeClient:
         elif p.step > 0:
             where = "; without --checkpoint-dir there is no checkpoint to continue from"
         if self._welcomed:  # free this edge's place on the cloud now, not after --client-timeout (no reply awaited)
-            self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+            # on an emulated link the BYE may take a second, no more (it would take minutes at a few bit/s)
+            self.link.interrupt, self.link.deadline = None, time.monotonic() + 1.0
+            try:
+                self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+            except LinkInterrupted:
+                log.info("BYE not sent: it would take more than a second on the emulated link")
         self.ep.close(linger_ms=500)
         return Interrupted(f"stopped by {name} after step {p.step} of {self.planned_steps}{where}",
                            128 + int(self.stop_signal or 0))
@@ -488,20 +533,31 @@ class EdgeClient:
                 break
             except RemoteError as e:
                 if e.code == P.ErrorCode.UNKNOWN_CLIENT:
-                    log.warning("the cloud does not know this connection (restarted?): saying HELLO again")
+                    # the cloud restarted, or timed this edge out: say HELLO again -- within --give-up, with
+                    # backoff (a cloud that answers every request so would otherwise be asked forever)
+                    self._retry_later(e, "the cloud does not know this connection (restarted?); saying HELLO again")
                     self.hello()
                     if self.progress.step >= step:  # the cloud had applied this step before it went down
+                        self._progressed()
                         return
                     continue
-                if e.code == P.ErrorCode.STALE_STEP and e.header.get("expected_step"):
-                    self._advance(int(e.header["expected_step"]) - step)
-                    return
+                if e.code == P.ErrorCode.STALE_STEP:
+                    expected = e.header.get("expected_step")
+                    if is_int(expected) and expected > step:  # applied already: go on from where the cloud is
+                        self._advance(expected - step)
+                        self._progressed()
+                        return
+                    # a stale_step that names no later step (this one again, or none): the cloud contradicts
+                    # itself; ask again with backoff until --give-up
+                    self._retry_later(e, f"step {step} refused as stale without a later step to go on with")
+                    continue
                 if e.code == P.ErrorCode.NOT_FINITE:
                     self._bye("diverged")
                     raise EdgeError(f"training diverged at step {step}: the cloud rejected it ({e}); learning rate "
                                     "too high (this edge's --lr, or the cloud's)?" + self._ckpt_note()) from None
                 raise EdgeError(f"the cloud rejected step {step}: {e}") from None
         t3 = time.perf_counter()
+        self._progressed()
         P.expect_frames(msg, 1)
         # the gradient cannot be larger than the activation it belongs to: bound the decode before it allocates
         try:
@@ -544,6 +600,7 @@ class EdgeClient:
             if e.code == P.ErrorCode.UNKNOWN_CLIENT:
                 self.hello()
             return
+        self._progressed()
         expected = {k: params[k].shape for k in names}
         shapes = P.check_shapes(msg.header["names"], msg.header["shapes"], expected, "WEIGHTS_AVG")
         P.expect_frames(msg, len(shapes))
@@ -575,6 +632,7 @@ class EdgeClient:
             msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)), "has_labels": True},
                                 [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
                                 match=("eval_id", self._eval_id))
+            self._progressed()
             P.expect_frames(msg, 1)
             pred = P.read_array(msg.frames[0], "int64", (len(x),), "predictions")
             correct += int((pred == y).sum())
