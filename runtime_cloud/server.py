@@ -87,6 +87,7 @@ class Session:
     done: bool = False
     timed_out: bool = False
     stopped_at: float | None = None  # when it said BYE "interrupted" (it may --resume)
+    planned_steps: int = P.MAX_HEADER_INT - 1  # HELLO's: no step id beyond it is accepted
     errors: deque = field(default_factory=deque)  # times of recent bad messages
     fedavg_round: int = 0  # the last FedAvg round this client sent weights for
     bytes_in: int = 0
@@ -285,11 +286,10 @@ class CloudServer:
                 "message": "this connection's identity belongs to another edge's key; reconnect with a new identity"})
             return
         self._current_key = key
-        if session is not None:
+        if session is not None and session.active:
+            # a closed session (BYE, timed out) is not revived by a message: its requests are refused
+            # (unknown_client) and its HELLO again meets --max-clients like any other
             session.last_seen = time.monotonic()
-            if session.timed_out:
-                session.timed_out = False
-                log.info("client %d is back", session.client_id)
         try:
             msg = P.unpack(frames)
             handler = self._handlers.get(msg.type)
@@ -310,8 +310,8 @@ class CloudServer:
         cid = session.client_id if session else None
         # the reply must always fit in a header: messages quote what the client sent, so cap them,
         # and echo the step only when it is a step id
-        if len(message) > MAX_ERROR_MESSAGE:
-            message = message[:MAX_ERROR_MESSAGE] + "..."
+        # and escape control characters (they reach logs and terminals on both sides)
+        message = P.printable(message, MAX_ERROR_MESSAGE)
         step = msg.header.get("step") if msg is not None else None
         if not isinstance(step, int) or isinstance(step, bool):
             step = None
@@ -361,9 +361,15 @@ class CloudServer:
         return out
 
     def _session(self, identity: bytes) -> Session:
+        """The active session of this connection; unknown_client if there is none, or it is closed."""
         s = self.sessions.get(identity)
         if s is None:
             raise P.ProtocolError("no HELLO from this connection (did the cloud restart?); say HELLO again",
+                                  P.ErrorCode.UNKNOWN_CLIENT)
+        if not s.active:
+            why = "said BYE" if s.done else "stopped (BYE interrupted)" if s.stopped_at is not None else \
+                f"was timed out after {self.cfg.client_timeout_s:g}s of silence (--client-timeout)"
+            raise P.ProtocolError(f"client {s.client_id} {why}: its session is closed; say HELLO again",
                                   P.ErrorCode.UNKNOWN_CLIENT)
         return s
 
@@ -378,6 +384,7 @@ class CloudServer:
     def _on_hello(self, identity: bytes, msg: P.Message) -> None:
         h = msg.header
         m = self.manifest
+        _check_hello(h)
         mismatch = [
             f"{k} {h[k]} != {v}" for k, v in (
                 ("model", m.model), ("cut", m.cut), ("activation_shape", list(m.activation_shape)),
@@ -414,8 +421,10 @@ class CloudServer:
             self.sessions.pop(old.identity, None)
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
         grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
-        s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]), key=key)
+        s = Session(cid, identity, fwd, grad, samples=h["samples"], key=key, planned_steps=h["planned_steps"])
         s.last_step = applied
+        if old is not None:  # the FedAvg rounds it took part in (a re-HELLO after a timeout, a restart of the edge)
+            s.fedavg_round = old.fedavg_round
         s.bytes_in = msg.nbytes
         self.sessions[identity] = s
         self.by_client[cid] = s
@@ -483,6 +492,9 @@ class CloudServer:
         s.bytes_in += nbytes
         if step >= P.MAX_HEADER_INT:  # so that every reply's expected_step (last step + 1) is a header int
             raise P.ProtocolError(f"TRAIN: step {step} is beyond the last step id, {P.MAX_HEADER_INT - 1}")
+        if step > s.planned_steps:  # e.g. 2**53 - 2, after which this client could never step again
+            raise P.ProtocolError(f"TRAIN: step {step} is beyond this client's plan of {s.planned_steps} steps "
+                                  "(HELLO planned_steps)")
         if s.cached is not None and step == s.cached[0]:
             log.info("client %d retried step %d: answering from cache", s.client_id, step)
             self.metrics.write("retry", client=s.client_id, step=step)
@@ -620,6 +632,10 @@ class CloudServer:
             self.pending_since.pop(rnd, None)
 
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
+        old = self.sessions.get(identity)
+        if old is not None and old.done and msg.header["reason"] != "interrupted":
+            self._send(identity, P.MsgType.BYE_ACK, {})  # a retried BYE whose BYE_ACK was lost
+            return
         s = self._session(identity)
         if msg.header["reason"] == "interrupted":
             # stopped by its user, with a checkpoint: its place and FedAvg rounds are freed at once (as after
@@ -725,6 +741,19 @@ class CloudServer:
         latest = root / "LATEST"
         return (f"to resume from the earlier checkpoint {earlier[-1]} (its client progress is older), write its name "
                 f"into {latest} (echo {earlier[-1]} > {latest}) and start with --resume again; or {fresh}")
+
+
+def _check_hello(h: dict[str, Any]) -> None:
+    """ProtocolError naming the first HELLO field out of its range (types are checked by the schema)."""
+    top = P.MAX_HEADER_INT
+    for key, lo, hi in (("num_clients", 1, top), ("client_id", 0, h["num_clients"] - 1), ("samples", 0, top),
+                        ("planned_steps", 1, top - 1), ("resume_step", 0, top - 1)):
+        if not lo <= h[key] <= hi:
+            raise P.ProtocolError(f"HELLO: {key} must be in {lo}..{hi}, got {h[key]}")
+    if "fresh" in h and not isinstance(h["fresh"], bool):
+        raise P.ProtocolError("HELLO: fresh must be true or false")
+    if "client_files" in h and not (isinstance(h["client_files"], str) and len(h["client_files"]) <= 64):
+        raise P.ProtocolError("HELLO: client_files must be a string of at most 64 characters")
 
 
 def _read_server_state(path: Path) -> tuple[int, str, int, dict[int, dict[str, Any]]]:

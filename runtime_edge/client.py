@@ -629,9 +629,18 @@ class EdgeClient:
                 raise EdgeError(str(e)) from None
             blob = self._encode(act, f"training diverged by step {self.progress.step}", training=False)
             self._eval_id += 1
-            msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)), "has_labels": True},
-                                [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
-                                match=("eval_id", self._eval_id))
+            while True:
+                try:
+                    msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)),
+                                                         "has_labels": True},
+                                        [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
+                                        match=("eval_id", self._eval_id))
+                    break
+                except RemoteError as e:  # e.g. timed out by the cloud during a long local step: HELLO again
+                    if e.code != P.ErrorCode.UNKNOWN_CLIENT:
+                        raise
+                    self._retry_later(e, "the cloud does not know this connection; saying HELLO again")
+                    self.hello()
             self._progressed()
             P.expect_frames(msg, 1)
             pred = P.read_array(msg.frames[0], "int64", (len(x),), "predictions")
@@ -673,10 +682,21 @@ class EdgeClient:
         return f"; the last checkpoint saved is {latest}" if latest else ""
 
     def _bye(self, reason: str) -> None:
-        try:
-            self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
-        except (EdgeError, RemoteError) as e:
-            log.warning("BYE not acknowledged: %s", e)
+        for again in (True, False):
+            try:
+                self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
+                return
+            except RemoteError as e:
+                if again and e.code == P.ErrorCode.UNKNOWN_CLIENT:  # its session was closed (timed out): once more
+                    try:
+                        self.hello()
+                        continue
+                    except (EdgeError, RemoteError) as e2:
+                        e = e2
+                log.warning("BYE not acknowledged: %s", e)
+            except EdgeError as e:
+                log.warning("BYE not acknowledged: %s", e)
+            return
 
     def save_checkpoint(self) -> None:
         assert self.ckpt is not None
@@ -876,10 +896,13 @@ class Interrupted(Exception):
 
 
 class RemoteError(Exception):
+    """An ERROR from the cloud. Its code and message are the cloud's text: capped and with control
+    characters escaped (:func:`splitedge.protocol.printable`) before they reach a log or a terminal."""
+
     def __init__(self, header: dict):
         self.header = header
         self.code = header.get("code", "")
-        super().__init__(f"{self.code}: {header.get('message', '')}")
+        super().__init__(f"{P.printable(self.code, 64)}: {P.printable(header.get('message', ''), 1000)}")
 
 
 class _Bar:

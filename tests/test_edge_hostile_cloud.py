@@ -233,3 +233,29 @@ def test_sigterm_stops_the_edge_within_seconds(art, tmp_path, case):
             proc.kill()
             proc.wait()
         cloud.close()
+
+
+# ---------------------------------------------------------------------------- terminal injection
+
+HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[2J\x1b[1;1H\r\u202eevil" + "A" * 40_000
+
+
+def test_a_cloud_error_text_is_capped_and_its_control_characters_escaped(art, tmp_path):
+    """D7: the edge printed the cloud's ERROR text whole and raw: escape sequences reached the terminal
+    (retitle, clear screen, cursor moves, a bidi override). Now it is capped and escaped, as the cloud
+    does with what peers send."""
+    from splitedge.runtime_edge.client import RemoteError
+
+    text = str(RemoteError({"code": "bad_message\x1b[31m", "message": HOSTILE_TEXT}))
+    assert text.isprintable() and len(text) < 1200, text[:200]
+    assert "\\x1b]0;owned\\x07" in text and "\\u202e" in text
+    cloud = FakeCloud(_welcome(), lambda h: P.pack(P.MsgType.ERROR, {
+        "code": "bad_message", "message": HOSTILE_TEXT, "re": "TRAIN", "step": h["step"]}))
+    try:
+        res = _edge(art, cloud.port, tmp_path)
+    finally:
+        cloud.close()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "\x1b" not in res.stderr and "\u202e" not in res.stderr and "\x07" not in res.stderr
+    assert "the cloud rejected step 1: bad_message: \\x1b]0;owned" in res.stderr, res.stderr[-3000:]
+    assert len(res.stderr) < 20_000, "the 40 000-character message is capped"
