@@ -79,10 +79,12 @@ def codec_params(name: str, bits: int | None, items: tuple[str, ...], option: st
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N server steps (and at shutdown).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Checkpoints kept in --checkpoint-dir (older ones are deleted; a checkpoint at the server step "
-                   "of an earlier one replaces it).")
+              help="Checkpoints kept in --checkpoint-dir (older ones of this run are deleted; a checkpoint at the "
+                   "server step of an earlier one replaces it; never files or checkpoints this run did not write or "
+                   "resume from).")
 @click.option("--resume", is_flag=True,
-              help="Continue from the newest checkpoint in --checkpoint-dir: the server model, its optimizer's "
+              help="Continue from the checkpoint LATEST names in --checkpoint-dir (checkpoints without a readable "
+                   "LATEST are refused, with how to repair it): the server model, its optimizer's "
                    "state and settings, the clients' progress. --lr, --momentum or --weight-decay given here "
                    "replace the checkpoint's settings.")
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None,

@@ -303,6 +303,9 @@ class CloudServer:
         except Exception as e:  # noqa: BLE001 - one bad message must never stop the server
             log.exception("internal error handling a message from %r", identity)
             self._reject(identity, P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}", msg)
+        session = self.sessions.get(identity)
+        if session is not None and session.active:  # the time the server took over its message is not its silence
+            session.last_seen = time.monotonic()
 
     def _reject(self, identity: bytes, code: str, message: str, msg: P.Message | None, **extra: Any) -> None:
         self.errors_total += 1

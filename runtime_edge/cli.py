@@ -64,10 +64,12 @@ class Partition(click.ParamType):
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Checkpoint every N steps (and at the end).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
+              help="Checkpoints kept in --checkpoint-dir (older ones of this run are deleted; never files or "
+                   "checkpoints it did not write or resume from).")
 @click.option("--resume", is_flag=True,
-              help="Continue from the newest checkpoint in --checkpoint-dir (which must exist; one without a "
-                   "checkpoint yet starts from the initial weights, skipping the steps the cloud applied).")
+              help="Continue from the checkpoint LATEST names in --checkpoint-dir (which must exist; one without a "
+                   "checkpoint yet starts from the initial weights, skipping the steps the cloud applied; one with "
+                   "checkpoints but no readable LATEST is refused, with how to repair it).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
 @click.option("--profile", type=ProfileParam(as_string=True), default=None,
@@ -76,8 +78,9 @@ class Partition(click.ParamType):
 @click.option("--timeout", "request_timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request is retried (with backoff, same step id).")
 @click.option("--give-up", type=FiniteFloat(min=1), default=300.0, show_default=True,
-              help="Seconds without an answer (or without a place on a full cloud) after which edge-train stops "
-                   "with an error.")
+              help="Seconds without progress after which edge-train stops with an error: no answer, no place on "
+                   "a full cloud, answers that make it ask again (retried with backoff), or a message that cannot "
+                   "cross the emulated link in that time.")
 @click.option("--bandwidth", default=None, metavar="RATE",
               help="Emulate an access link of this rate both ways, e.g. 10mbit (see --uplink/--downlink).")
 @click.option("--uplink", default=None, metavar="RATE", help="Emulated uplink rate (edge -> cloud), e.g. 5mbit.")

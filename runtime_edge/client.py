@@ -350,8 +350,8 @@ class EdgeClient:
             self._stuck_since, self._backoff = now, RETRY_FIRST_S
         waited = now - self._stuck_since
         if waited + self._backoff > self.cfg.give_up_s:
-            raise EdgeError(f"the cloud at {self.cfg.connect} answered {e} to every request for {waited:.0f}s; gave "
-                            f"up (--give-up {self.cfg.give_up_s:g}s)") from None
+            raise EdgeError(f"{what} within --give-up {self.cfg.give_up_s:g}s: the cloud at {self.cfg.connect} "
+                            f"answered {e} to every request for {waited:.0f}s") from None
         log.warning("%s: %s; asking again in %.1fs", what, e, self._backoff)
         self._pause(self._backoff)
         self._backoff = min(2 * self._backoff, RETRY_MAX_S)
@@ -388,7 +388,7 @@ class EdgeClient:
                 # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
                 if e.code != P.ErrorCode.SERVER_FULL:
                     raise
-                self._retry_later(e, "no place on the cloud")
+                self._retry_later(e, "no place")
         h = msg.header
         try:
             codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
@@ -535,7 +535,7 @@ class EdgeClient:
                 if e.code == P.ErrorCode.UNKNOWN_CLIENT:
                     # the cloud restarted, or timed this edge out: say HELLO again -- within --give-up, with
                     # backoff (a cloud that answers every request so would otherwise be asked forever)
-                    self._retry_later(e, "the cloud does not know this connection (restarted?); saying HELLO again")
+                    self._retry_later(e, "no session on the cloud (restarted? timed out?)")
                     self.hello()
                     if self.progress.step >= step:  # the cloud had applied this step before it went down
                         self._progressed()
@@ -549,7 +549,7 @@ class EdgeClient:
                         return
                     # a stale_step that names no later step (this one again, or none): the cloud contradicts
                     # itself; ask again with backoff until --give-up
-                    self._retry_later(e, f"step {step} refused as stale without a later step to go on with")
+                    self._retry_later(e, f"step {step} refused as stale, with no later step to go on with")
                     continue
                 if e.code == P.ErrorCode.NOT_FINITE:
                     self._bye("diverged")
@@ -639,7 +639,7 @@ class EdgeClient:
                 except RemoteError as e:  # e.g. timed out by the cloud during a long local step: HELLO again
                     if e.code != P.ErrorCode.UNKNOWN_CLIENT:
                         raise
-                    self._retry_later(e, "the cloud does not know this connection; saying HELLO again")
+                    self._retry_later(e, "no session on the cloud (restarted? timed out?)")
                     self.hello()
             self._progressed()
             P.expect_frames(msg, 1)

@@ -348,7 +348,7 @@ def _train(port: int, steps: int) -> None:
 
         welcome = ask(P.pack(P.MsgType.HELLO, {
             "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
-            "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": steps}))
+            "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": 10**6}))
         assert welcome.type == P.MsgType.WELCOME, welcome.header
         first = welcome.header["last_step"] + 1
         enc = sc.get("uq", bits=4)

@@ -578,3 +578,14 @@ def test_a_deeply_nested_file_at_the_summary_path_is_kept(tmp_path):
     with pytest.raises(EdgeInputError, match="is not an edge-train summary"):
         _check_summary_target(path)
     assert path.read_text() == DEEP
+
+
+def test_a_deeply_nested_profile_is_refused_naming_it(tmp_path):
+    """edge-train --profile reads a TOML file: deep nesting was a RecursionError traceback."""
+    from splitedge.profiles.schema import ProfileError, load
+
+    path = tmp_path / "deep.toml"
+    path.write_text('name = "x"\nbad = ' + "[" * 3000 + "1" + "]" * 3000 + "\n")
+    with pytest.raises(ProfileError, match="nested too deeply") as e:
+        load(path)
+    assert str(path) in str(e.value)
