@@ -426,8 +426,6 @@ class CloudServer:
         grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
         s = Session(cid, identity, fwd, grad, samples=h["samples"], key=key, planned_steps=h["planned_steps"])
         s.last_step = applied
-        if old is not None:  # the FedAvg rounds it took part in (a re-HELLO after a timeout, a restart of the edge)
-            s.fedavg_round = old.fedavg_round
         s.bytes_in = msg.nbytes
         self.sessions[identity] = s
         self.by_client[cid] = s

@@ -457,7 +457,7 @@ def test_max_clients_refuses_new_ids_while_full(synth_artifacts, tmp_path):
         assert say(b, P.MsgType.HELLO, {**hello, "client_id": 1}).type == P.MsgType.WELCOME  # full again: 0 and 1
         late = _start_edge(synth_artifacts, port, tmp_path, 2, 4, "--steps", "3", "--give-up", "3")
         assert late.wait(timeout=120) == 1
-        assert "no place within --give-up 3s" in (tmp_path / "edge-2.log").read_text()  # then: the answer
+        assert "no place within --give-up 3s" in (tmp_path / "edge-2.log").read_text()
         assert cloud.poll() is None
     finally:
         for s in socks:
