@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,37 +89,120 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        """A Manifest from its JSON; :class:`ManifestError` naming the field of a wrong type or range."""
         if not isinstance(d, dict):
             raise ManifestError("manifest.json must hold a JSON object")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise ManifestError(
-                f"manifest format_version {version!r} is not supported (this splitedge reads {FORMAT_VERSION}); "
-                "re-export with this version of export-client"
+                f"manifest format_version {str(version)[:40]!r} is not supported (this splitedge reads "
+                f"{FORMAT_VERSION}); re-export with this version of export-client"
             )
         try:
-            opt = Optimizer(**{**d["optimizer"], "betas": tuple(d["optimizer"].get("betas", (0.9, 0.999)))})
-            return cls(
-                model=str(d["model"]),
-                cut=int(d["cut"]),
-                cut_name=str(d["cut_name"]),
-                input_shape=tuple(int(v) for v in d["input_shape"]),
-                activation_shape=tuple(int(v) for v in d["activation_shape"]),
-                num_classes=int(d["num_classes"]),
-                optimizer=opt,
-                opset=int(d["opset"]),
-                trainable_params=tuple(d["trainable_params"]),
-                frozen_params=tuple(d["frozen_params"]),
-                versions=dict(d["versions"]),
-                files=dict(d["files"]),
-                seed=d.get("seed"),
-                weights=d.get("weights"),
-                format_version=int(version),
-                extra=dict(d.get("extra", {})),
-                portable=dict(d["portable"]) if isinstance(d.get("portable"), dict) else None,
+            opt = d["optimizer"]
+            _want(isinstance(opt, dict), "optimizer", "an object")
+            unknown = sorted(set(opt) - {"name", "lr", "weight_decay", "betas", "eps"})
+            _want(not unknown, "optimizer", f"an object without {unknown[:3]}")
+            betas = opt.get("betas", [0.9, 0.999])
+            _want(isinstance(betas, list) and len(betas) == 2 and all(_real(b, 0, 1) for b in betas),
+                  "optimizer.betas", "two numbers in 0..1")
+            optimizer = Optimizer(
+                name=_str(opt, "name", "optimizer.name"), lr=_num(opt, "lr", "optimizer.lr", 0, 1e6, positive=True),
+                weight_decay=_num(opt, "weight_decay", "optimizer.weight_decay", 0, 1e6, default=0.0),
+                betas=(float(betas[0]), float(betas[1])),
+                eps=_num(opt, "eps", "optimizer.eps", 0, 1, default=1e-6, positive=True),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None
+            files = d["files"]
+            _want(isinstance(files, dict) and all(isinstance(k, str) and _safe_rel(k) and isinstance(v, str)
+                                                  and _SHA256.fullmatch(v) for k, v in files.items()),
+                  "files", "an object of relative paths inside the artifact directory and sha256 hex digests")
+            versions = d["versions"]
+            _want(isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values()),
+                  "versions", "an object of strings")
+            extra = d.get("extra", {})
+            _want(isinstance(extra, dict), "extra", "an object")
+            portable = d.get("portable")
+            _want(portable is None or isinstance(portable, dict), "portable", "null or an object")
+            seed, weights = d.get("seed"), d.get("weights")
+            _want(seed is None or _int(seed, -2**63, 2**64), "seed", "null or an integer")
+            _want(weights is None or isinstance(weights, str), "weights", "null or a string")
+            return cls(
+                model=_str(d, "model", "model"),
+                cut=_intfield(d, "cut", 0, 1000),
+                cut_name=_str(d, "cut_name", "cut_name"),
+                input_shape=_shape(d, "input_shape"),
+                activation_shape=_shape(d, "activation_shape"),
+                num_classes=_intfield(d, "num_classes", 1, 1 << 20),
+                optimizer=optimizer,
+                opset=_intfield(d, "opset", 1, 1000),
+                trainable_params=_names(d, "trainable_params"),
+                frozen_params=_names(d, "frozen_params"),
+                versions=dict(versions),
+                files=dict(files),
+                seed=seed,
+                weights=weights,
+                format_version=int(version),
+                extra=dict(extra),
+                portable=dict(portable) if portable is not None else None,
+            )
+        except KeyError as e:
+            raise ManifestError(f"manifest.json is malformed: it lacks the field {e}") from None
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_DIM = 1 << 16  # of one dimension of a shape
+MAX_ELEMENTS = 1 << 31  # of one sample's input or activation
+
+
+def _want(ok: bool, field: str, what: str) -> None:
+    if not ok:
+        raise ManifestError(f"manifest.json is malformed: {field} must be {what}")
+
+
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _real(v: Any, lo: float, hi: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _intfield(d: dict, key: str, lo: int, hi: int) -> int:
+    _want(_int(d[key], lo, hi), key, f"an integer in {lo}..{hi}")
+    return d[key]
+
+
+def _num(d: dict, key: str, field: str, lo: float, hi: float, *, default: float | None = None,
+         positive: bool = False) -> float:
+    v = d.get(key, default) if default is not None else d[key]
+    _want(_real(v, lo, hi) and (v > 0 or not positive), field,
+          f"a finite number in {'(' if positive else '['}{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _str(d: dict, key: str, field: str) -> str:
+    _want(isinstance(d[key], str) and 0 < len(d[key]) <= 200, field, "a non-empty string")
+    return d[key]
+
+
+def _shape(d: dict, key: str) -> tuple[int, ...]:
+    v = d[key]
+    _want(isinstance(v, list) and 1 <= len(v) <= 4 and all(_int(x, 1, MAX_DIM) for x in v)
+          and math.prod(v) <= MAX_ELEMENTS, key, f"a list of 1 to 4 integers in 1..{MAX_DIM}")
+    return tuple(v)
+
+
+def _names(d: dict, key: str) -> tuple[str, ...]:
+    v = d[key]
+    _want(isinstance(v, list) and all(isinstance(x, str) for x in v), key, "a list of strings")
+    return tuple(v)
+
+
+def _safe_rel(rel: str) -> bool:
+    """A path inside the artifact directory: relative, no ``..``, no backslash or NUL."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and "\0" not in rel and \
+        all(p not in ("", ".", "..") for p in parts)
 
 
 def client_digest(m: Manifest) -> str:
@@ -141,13 +226,18 @@ def load(directory: str | os.PathLike[str], verify: bool = True) -> Manifest:
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise ManifestError(f"artifact directory {str(directory)!r} does not exist (run export-client first)")
+    from ..fsutil import BadFile, load_json
+
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{path} not found: {directory} is not an export-client artifact directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
-    m = Manifest.from_dict(raw)
+        raw = load_json(path, max_bytes=4 << 20)
+    except BadFile as e:
+        if e.why == "missing":
+            raise ManifestError(f"{path} not found: {directory} is not an export-client artifact directory") from None
+        raise ManifestError(f"cannot read {path}: {e.why}") from None
+    try:
+        m = Manifest.from_dict(raw)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
     if verify:
         verify_files(directory, m)
     return m

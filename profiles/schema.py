@@ -289,6 +289,8 @@ def loads(text: str, *, path: str = "<string>") -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"not valid TOML: {e}", path=path) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ProfileError("not a profile: arrays or tables nested too deeply", path=path) from None
     return from_dict(data, path=path)
 
 

@@ -14,6 +14,8 @@ from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..fsutil import check_writable_dir, check_writable_file
 from ..transport import bind_endpoint_option
 
+MAX_MESSAGE_MB = 1 << 20  # 1 TiB: far above any activation, within ZeroMQ's 64-bit message size
+
 
 def parse_params(items: tuple[str, ...], option: str) -> dict:
     """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, true/false), else a string."""
@@ -89,17 +91,19 @@ def _status_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N server steps (and at shutdown).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Checkpoints kept in --checkpoint-dir (older ones are deleted; a checkpoint at the server step "
-                   "of an earlier one replaces it).")
+              help="Checkpoints kept in --checkpoint-dir (older ones of this run are deleted; a checkpoint at the "
+                   "server step of an earlier one replaces it; never files or checkpoints this run did not write or "
+                   "resume from).")
 @click.option("--resume", is_flag=True,
-              help="Continue from the newest checkpoint in --checkpoint-dir: the server model, its optimizer's "
+              help="Continue from the checkpoint LATEST names in --checkpoint-dir (checkpoints without a readable "
+                   "LATEST are refused, with how to repair it): the server model, its optimizer's "
                    "state and settings, the clients' progress. --lr, --momentum or --weight-decay given here "
                    "replace the checkpoint's settings.")
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None,
               help="Append JSON lines (one per step, error, FedAvg round, checkpoint) to this file.")
 @click.option("--client-timeout", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
               help="Seconds of silence after which a client is timed out (the others are not held up).")
-@click.option("--max-message-mb", type=FiniteFloat(min=0.001), default=256.0, show_default=True,
+@click.option("--max-message-mb", type=FiniteFloat(min=0.001, max=MAX_MESSAGE_MB), default=256.0, show_default=True,
               help="Largest message accepted (ZeroMQ drops bigger ones before allocating them), and the largest "
                    "array a compressed activation may decode to.")
 @click.option("--max-client-errors", type=click.IntRange(min=1), default=20, show_default=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -28,7 +29,7 @@ from .. import codecs as sc
 from .. import protocol as P
 from .. import security
 from ..export import manifest as mf
-from ..fsutil import CheckpointDir, atomic_write_json
+from ..fsutil import MAX_INT, CheckpointDir, atomic_write_json, is_int
 from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
 from .trainer import CorruptFile, ServerModel, StepRefused, read_json_object
 
@@ -88,6 +89,7 @@ class Session:
     done: bool = False
     timed_out: bool = False
     stopped_at: float | None = None  # when it said BYE "interrupted" (it may --resume)
+    planned_steps: int = P.MAX_HEADER_INT - 1  # HELLO's: no step id beyond it is accepted
     errors: deque = field(default_factory=deque)  # times of recent bad messages
     fedavg_round: int = 0  # the last FedAvg round this client sent weights for
     bytes_in: int = 0
@@ -351,11 +353,10 @@ class CloudServer:
                 "message": "this connection's identity belongs to another edge's key; reconnect with a new identity"})
             return
         self._current_key = key
-        if session is not None:
+        if session is not None and session.active:
+            # a closed session (BYE, timed out) is not revived by a message: its requests are refused
+            # (unknown_client) and its HELLO again meets --max-clients like any other
             session.last_seen = time.monotonic()
-            if session.timed_out:
-                session.timed_out = False
-                log.info("client %d is back", session.client_id)
         try:
             msg = P.unpack(frames)
             handler = self._handlers.get(msg.type)
@@ -369,6 +370,9 @@ class CloudServer:
         except Exception as e:  # noqa: BLE001 - one bad message must never stop the server
             log.exception("internal error handling a message from %r", identity)
             self._reject(identity, P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}", msg)
+        session = self.sessions.get(identity)
+        if session is not None and session.active:  # the time the server took over its message is not its silence
+            session.last_seen = time.monotonic()
 
     def _reject(self, identity: bytes, code: str, message: str, msg: P.Message | None, **extra: Any) -> None:
         self.errors_total += 1
@@ -376,8 +380,8 @@ class CloudServer:
         cid = session.client_id if session else None
         # the reply must always fit in a header: messages quote what the client sent, so cap them,
         # and echo the step only when it is a step id
-        if len(message) > MAX_ERROR_MESSAGE:
-            message = message[:MAX_ERROR_MESSAGE] + "..."
+        # and escape control characters (they reach logs and terminals on both sides)
+        message = P.printable(message, MAX_ERROR_MESSAGE)
         step = msg.header.get("step") if msg is not None else None
         if not isinstance(step, int) or isinstance(step, bool):
             step = None
@@ -427,9 +431,15 @@ class CloudServer:
         return out
 
     def _session(self, identity: bytes) -> Session:
+        """The active session of this connection; unknown_client if there is none, or it is closed."""
         s = self.sessions.get(identity)
         if s is None:
             raise P.ProtocolError("no HELLO from this connection (did the cloud restart?); say HELLO again",
+                                  P.ErrorCode.UNKNOWN_CLIENT)
+        if not s.active:
+            why = "said BYE" if s.done else "stopped (BYE interrupted)" if s.stopped_at is not None else \
+                f"was timed out after {self.cfg.client_timeout_s:g}s of silence (--client-timeout)"
+            raise P.ProtocolError(f"client {s.client_id} {why}: its session is closed; say HELLO again",
                                   P.ErrorCode.UNKNOWN_CLIENT)
         return s
 
@@ -444,6 +454,7 @@ class CloudServer:
     def _on_hello(self, identity: bytes, msg: P.Message) -> None:
         h = msg.header
         m = self.manifest
+        _check_hello(h)
         mismatch = [
             f"{k} {h[k]} != {v}" for k, v in (
                 ("model", m.model), ("cut", m.cut), ("activation_shape", list(m.activation_shape)),
@@ -480,7 +491,7 @@ class CloudServer:
             self.sessions.pop(old.identity, None)
         fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
         grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
-        s = Session(cid, identity, fwd, grad, samples=max(0, h["samples"]), key=key)
+        s = Session(cid, identity, fwd, grad, samples=h["samples"], key=key, planned_steps=h["planned_steps"])
         s.last_step = applied
         s.bytes_in = msg.nbytes
         self.sessions[identity] = s
@@ -549,6 +560,9 @@ class CloudServer:
         s.bytes_in += nbytes
         if step >= P.MAX_HEADER_INT:  # so that every reply's expected_step (last step + 1) is a header int
             raise P.ProtocolError(f"TRAIN: step {step} is beyond the last step id, {P.MAX_HEADER_INT - 1}")
+        if step > s.planned_steps:  # e.g. 2**53 - 2, after which this client could never step again
+            raise P.ProtocolError(f"TRAIN: step {step} is beyond this client's plan of {s.planned_steps} steps "
+                                  "(HELLO planned_steps)")
         if s.cached is not None and step == s.cached[0]:
             log.info("client %d retried step %d: answering from cache", s.client_id, step)
             self.metrics.write("retry", client=s.client_id, step=step)
@@ -689,6 +703,10 @@ class CloudServer:
             self.pending_since.pop(rnd, None)
 
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
+        old = self.sessions.get(identity)
+        if old is not None and old.done and msg.header["reason"] != "interrupted":
+            self._send(identity, P.MsgType.BYE_ACK, {})  # a retried BYE whose BYE_ACK was lost
+            return
         s = self._session(identity)
         if msg.header["reason"] == "interrupted":
             # stopped by its user, with a checkpoint: its place and FedAvg rounds are freed at once (as after
@@ -748,7 +766,10 @@ class CloudServer:
     def _resume(self) -> None:
         if self.ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")
-        path = self.ckpt.latest()
+        try:
+            path = self.ckpt.latest()
+        except OSError as e:  # CheckpointDirError: its message says how to repair the directory
+            raise OSError(f"--resume: {e}") from None
         if path is None:
             log.info("--resume: no checkpoint in %s yet; starting fresh", self.cfg.checkpoint_dir)
             return
@@ -762,6 +783,7 @@ class CloudServer:
         except CorruptFile as e:
             raise CorruptFile(e.path, f"{e.why}. The checkpoint {path.name} is damaged: "
                                       f"{self._resume_advice(path)}") from None
+        self.ckpt.adopt(path)  # this run continues it: rotation may delete it once newer ones exist
         self.server_step = server_step
         self._last_ckpt_step = self.server_step
         self.progress = progress
@@ -792,21 +814,47 @@ class CloudServer:
                 f"into {latest} (echo {earlier[-1]} > {latest}) and start with --resume again; or {fresh}")
 
 
+def _check_hello(h: dict[str, Any]) -> None:
+    """ProtocolError naming the first HELLO field out of its range (types are checked by the schema)."""
+    top = P.MAX_HEADER_INT
+    for key, lo, hi in (("num_clients", 1, top), ("client_id", 0, h["num_clients"] - 1), ("samples", 0, top),
+                        ("planned_steps", 1, top - 1), ("resume_step", 0, top - 1)):
+        if not lo <= h[key] <= hi:
+            raise P.ProtocolError(f"HELLO: {key} must be in {lo}..{hi}, got {h[key]}")
+    if "fresh" in h and not isinstance(h["fresh"], bool):
+        raise P.ProtocolError("HELLO: fresh must be true or false")
+    if "client_files" in h and not (isinstance(h["client_files"], str) and len(h["client_files"]) <= 64):
+        raise P.ProtocolError("HELLO: client_files must be a string of at most 64 characters")
+
+
 def _read_server_state(path: Path) -> tuple[int, str, int, dict[int, dict[str, Any]]]:
-    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it."""
+    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it
+    and the field unless every field has its type and range."""
     state = read_json_object(path)
     try:
         server_step, model, cut, clients = state["server_step"], state["model"], state["cut"], state["clients"]
-        if not (isinstance(server_step, int) and server_step >= 0 and isinstance(model, str) and isinstance(cut, int)):
-            raise TypeError("server_step, model or cut of the wrong type")
+        if state.get("format_version", 1) != 1:
+            raise ValueError(f"format_version {str(state['format_version'])[:20]} is not 1")
+        if not (is_int(server_step) and isinstance(model, str) and is_int(cut, 0, 1000)):
+            raise TypeError("server_step, model or cut of the wrong type or out of range")
+        if not isinstance(clients, dict):
+            raise TypeError("clients is not an object")
         progress = {}
         for k, v in clients.items():
-            if not (isinstance(v, dict) and isinstance(v.get("last_step"), int)):
-                raise TypeError(f"client {k}: no last_step")
-            progress[int(k)] = dict(v)
+            if not (_CLIENT_KEY.fullmatch(k) and is_int(int(k))):
+                raise ValueError(f"client id {k[:24]!r} is not an integer in 0..{MAX_INT}")
+            if not (isinstance(v, dict) and is_int(v.get("last_step"))):
+                raise TypeError(f"client {k}: last_step is not an integer in 0..{MAX_INT}")
+            if not isinstance(v.get("done", False), bool) or not (v.get("key") is None or (
+                    isinstance(v["key"], str) and len(v["key"]) == 40)):
+                raise TypeError(f"client {k}: done or key of the wrong type")
+            progress[int(k)] = {x: v[x] for x in ("last_step", "done", "key") if x in v}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptFile(path, f"is not a server state ({type(e).__name__}: {e})") from None
     return server_step, model, cut, progress
+
+
+_CLIENT_KEY = re.compile(r"0|[1-9][0-9]{0,15}")
 
 
 def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:

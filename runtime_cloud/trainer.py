@@ -18,18 +18,14 @@ from torch.nn import functional as F
 
 from ..export import manifest as mf
 from ..export import split, zoo
+from ..fsutil import BadFile, load_json_object
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-class CorruptFile(ValueError):
+class CorruptFile(BadFile):
     """A file the server model reads (artifact weights, a checkpoint's files) is missing, unreadable
     or does not hold what it should; the message names the file."""
-
-    def __init__(self, path: str | Path, why: str):
-        super().__init__(f"{path}: {why}")
-        self.path = Path(path)
-        self.why = why
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -38,28 +34,25 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except FileNotFoundError:
         raise CorruptFile(path, "missing") from None
     except (SafetensorError, OSError) as e:
         raise CorruptFile(path, f"not a readable safetensors file ({e})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # weights or optimizer state that would make every step NaN, silently
+        raise CorruptFile(path, f"tensor {bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} holds "
+                                "NaN or Inf")
+    return tensors
 
 
 def read_json_object(path: str | Path) -> dict:
-    """The JSON object in file ``path``; :class:`CorruptFile` if it is missing, unreadable or not one."""
+    """The JSON object in file ``path`` (bounded size and depth, finite numbers); :class:`CorruptFile`
+    if it is missing, unreadable or not one."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise CorruptFile(path, "missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorruptFile(path, f"unreadable ({e})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CorruptFile(path, f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CorruptFile(path, "does not hold a JSON object")
-    return obj
+        return load_json_object(path)
+    except BadFile as e:
+        raise CorruptFile(e.path, e.why) from None
 
 
 def _check_tensors(path: Path, got: dict[str, torch.Tensor], expect: dict[str, torch.Tensor], what: str) -> None:
@@ -71,6 +64,20 @@ def _check_tensors(path: Path, got: dict[str, torch.Tensor], expect: dict[str, t
         parts = [f"{len(v)} {name} (e.g. {v[0]!r})" for name, v in
                  (("missing", missing), ("unexpected", extra), ("of another shape", shapes)) if v]
         raise CorruptFile(path, f"does not hold the weights of {what}: tensors {', '.join(parts)}")
+
+
+def _check_param_groups(groups: list) -> None:
+    """ValueError/TypeError unless ``groups`` are optimizer parameter groups with settings in range
+    (numbers are finite already: the JSON loader refuses NaN and Infinity)."""
+    ranges = {"lr": (0.0, 1e6), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e6), "dampening": (0.0, 1.0),
+              "eps": (0.0, 1.0)}
+    for g in groups:
+        if not (isinstance(g, dict) and isinstance(g.get("params"), list)):
+            raise TypeError("a parameter group without params")
+        for k, (lo, hi) in ranges.items():
+            v = g.get(k)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
+                raise ValueError(f"{k} {v!r} is out of range {lo:g}..{hi:g}")
 
 
 class StepRefused(ValueError):
@@ -130,6 +137,10 @@ class ServerModel:
         _, server = split.split(manifest.model, full, manifest.cut)
         self.what = f"{manifest.model} cut {manifest.cut} (server part)"
         path = Path(artifacts) / mf.SERVER_WEIGHTS
+        if mf.SERVER_WEIGHTS not in manifest.files:  # checked like the edge's files: an unlisted file is unchecked
+            raise CorruptFile(Path(artifacts) / mf.MANIFEST_NAME,
+                              f"lists no sha256 for {mf.SERVER_WEIGHTS}, so it cannot be checked: the manifest is "
+                              "damaged or was edited; re-export with export-client")
         try:
             state = load_tensors(path)
             _check_tensors(path, state, server.state_dict(), self.what)
@@ -248,6 +259,9 @@ class ServerModel:
             name, groups, scalars, steps = meta["optimizer"], meta["param_groups"], meta["scalars"], int(meta.get("steps", 0))
             if not (isinstance(name, str) and isinstance(groups, list) and isinstance(scalars, dict)):
                 raise TypeError("wrong types")
+            _check_param_groups(groups)
+            if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in scalars.values()):
+                raise ValueError("negative step counts")
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFile(meta_path, f"is not an optimizer state ({type(e).__name__}: {e})") from None
         if name != self.optimizer_name:

@@ -12,6 +12,10 @@ from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..profiles.cli import ProfileParam
 from ..transport import endpoint_option
 
+# the protocol's integers are within +-(2**53 - 1), and a step id stays below that (splitedge.protocol)
+MAX_STEPS = 2**53 - 2
+MAX_ID = 2**53 - 1
+
 
 class Partition(click.ParamType):
     name = "iid|dirichlet:ALPHA"
@@ -34,13 +38,13 @@ class Partition(click.ParamType):
 @click.option("--data", default="fashion-mnist", show_default=True,
               help="fashion-mnist | idx:DIR | cifar10:DIR | folder:DIR | synthetic[:...]. Read from disk, never "
                    "downloaded.")
-@click.option("--client-id", type=click.IntRange(min=0), default=0, show_default=True, help="This client's index.")
-@click.option("--num-clients", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--client-id", type=click.IntRange(0, MAX_ID), default=0, show_default=True, help="This client's index.")
+@click.option("--num-clients", type=click.IntRange(1, MAX_ID), default=1, show_default=True,
               help="Number of clients the training set is split between.")
 @click.option("--partition", type=Partition(), default="iid", show_default=True,
               help="How the training set is split: iid, or dirichlet:ALPHA (non-IID, seeded).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs over this client's shard [default: 1].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Train steps instead of --epochs.")
+@click.option("--epochs", type=click.IntRange(1, MAX_STEPS), default=None, help="Epochs over this client's shard [default: 1].")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Train steps instead of --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Training batch size (with --profile and no --batch-size: the profile's).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
@@ -60,10 +64,12 @@ class Partition(click.ParamType):
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Checkpoint every N steps (and at the end).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Checkpoints kept in --checkpoint-dir (older ones are deleted).")
+              help="Checkpoints kept in --checkpoint-dir (older ones of this run are deleted; never files or "
+                   "checkpoints it did not write or resume from).")
 @click.option("--resume", is_flag=True,
-              help="Continue from the newest checkpoint in --checkpoint-dir (which must exist; one without a "
-                   "checkpoint yet starts from the initial weights, skipping the steps the cloud applied).")
+              help="Continue from the checkpoint LATEST names in --checkpoint-dir (which must exist; one without a "
+                   "checkpoint yet starts from the initial weights, skipping the steps the cloud applied; one with "
+                   "checkpoints but no readable LATEST is refused, with how to repair it).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
 @click.option("--backend", type=click.Choice(["ort-training", "portable"]), default="ort-training", show_default=True,
@@ -77,8 +83,9 @@ class Partition(click.ParamType):
 @click.option("--timeout", "request_timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request is retried (with backoff, same step id).")
 @click.option("--give-up", type=FiniteFloat(min=1), default=300.0, show_default=True,
-              help="Seconds without an answer (or without a place on a full cloud) after which edge-train stops "
-                   "with an error.")
+              help="Seconds without progress after which edge-train stops with an error: no answer, no place on "
+                   "a full cloud, answers that make it ask again (retried with backoff), or a message that cannot "
+                   "cross the emulated link in that time.")
 @click.option("--bandwidth", default=None, metavar="RATE",
               help="Emulate an access link of this rate both ways, e.g. 10mbit (see --uplink/--downlink).")
 @click.option("--uplink", default=None, metavar="RATE", help="Emulated uplink rate (edge -> cloud), e.g. 5mbit.")

@@ -38,12 +38,16 @@ from .. import codecs as sc
 from .. import protocol as P
 from .. import security
 from ..export import manifest as mf
-from ..fsutil import CheckpointDir, atomic_write_json, probe_write
-from ..shaping import Link
+from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
+                      load_json_object, probe_write)
+from ..shaping import Link, LinkInterrupted
 from ..transport import client_socket
 from . import data as D
 
 log = logging.getLogger("edge-train")
+
+RETRY_FIRST_S = 0.5  # first wait before asking the cloud again after an answer that allows no progress
+RETRY_MAX_S = 30.0  # longest such wait (doubling from RETRY_FIRST_S)
 
 
 class EdgeError(RuntimeError):
@@ -159,7 +163,10 @@ class EdgeClient:
                 raise EdgeInputError(
                     f"--resume: --checkpoint-dir {self.ckpt.root} does not exist, so no run wrote there (a mistyped "
                     "path?): give the directory of the run to continue, or leave out --resume to start a new run")
-            latest = self.ckpt.latest()
+            try:
+                latest = self.ckpt.latest()
+            except CheckpointDirError as e:
+                raise EdgeInputError(f"--resume: {e}") from None
             if latest is None:
                 log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
                             "starts from its initial weights", self.ckpt.root)
@@ -180,8 +187,15 @@ class EdgeClient:
                              reverse=True)
             hint = (f"resume from an earlier one by writing its name ({earlier[0]}) into {self.ckpt.root / 'LATEST'}, "
                     if earlier else "")
-            raise EdgeError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
-                            "--checkpoint-dir") from None
+            raise EdgeInputError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
+                                 "--checkpoint-dir") from None
+        if ckpt_file is not None:
+            bad = [k for k, v in self.model.get_parameters().items() if not np.isfinite(v).all()]
+            if bad:  # every step from these would be NaN, and the cloud would refuse them one by one
+                raise EdgeInputError(f"--resume: {ckpt_file}: parameter {bad[0]} holds NaN or Inf (a damaged or "
+                                     "diverged checkpoint); resume from an earlier one or start fresh")
+        if latest is not None and self.ckpt is not None:
+            self.ckpt.adopt(latest)  # this run continues it: rotation may delete it once newer ones exist
         self.manifest = self.model.manifest
         self.client_files = mf.client_digest(self.manifest)  # which export this edge half comes from (HELLO)
         # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
@@ -209,10 +223,17 @@ class EdgeClient:
         if self.batches_per_epoch < 1:
             raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
                             f"of {cfg.batch_size}")
+        if latest is not None and self.progress.batch >= self.batches_per_epoch:
+            raise EdgeInputError(f"--resume: {latest / 'edge_progress.json'}: batch {self.progress.batch} is beyond "
+                                 f"the {self.batches_per_epoch} batches of an epoch (a damaged checkpoint directory)")
         self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
+        if self.planned_steps > P.MAX_HEADER_INT - 1:  # step ids must stay protocol integers
+            raise EdgeInputError(f"{self.planned_steps} steps are more than the protocol counts "
+                                 f"({P.MAX_HEADER_INT - 1}): give fewer --epochs or --steps")
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
-        self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s)
+        # the emulated link's waits (hours per message at 1bit) end at SIGINT/SIGTERM and at --give-up
+        self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s, interrupt=lambda: self.stop_signal is not None)
         if self.link.active:
             log.info("emulated link: %s", self.link.describe())
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
@@ -231,6 +252,8 @@ class EdgeClient:
         self.train_seen = 0
         self._welcomed = False  # set by the first WELCOME of this process
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next safe point
+        self._stuck_since: float | None = None  # first answer, since the last progress, that made the edge ask again
+        self._backoff = RETRY_FIRST_S
 
     # ------------------------------------------------------------------ requests
 
@@ -243,6 +266,18 @@ class EdgeClient:
         """
         out = P.pack(type_, header, frames)
         deadline = time.monotonic() + self.cfg.give_up_s
+        self.link.deadline = deadline
+        try:
+            return self._exchange(type_, out, want, match, deadline)
+        except LinkInterrupted:
+            self._check_stop()
+            raise EdgeError(f"{type_.name} and its answer cannot cross the emulated link ({self.link.describe()}) "
+                            f"within --give-up {self.cfg.give_up_s:g}s") from None
+        finally:
+            self.link.deadline = None
+
+    def _exchange(self, type_: P.MsgType, out: list, want: P.MsgType, match: tuple[str, Any] | None,
+                  deadline: float) -> P.Message:
         timeout = self.cfg.request_timeout_s
         sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
         self.progress.bytes_sent += sent or 0
@@ -312,6 +347,34 @@ class EdgeClient:
                 return msg
             # a late duplicate reply to an earlier retry: drop it
 
+    def _retry_later(self, e: "RemoteError", what: str) -> None:
+        """Waits before asking the cloud again after answer ``e`` (server_full, unknown_client, a stale_step
+        naming no later step): with exponential backoff, woken by SIGINT/SIGTERM, and EdgeError once
+        --give-up seconds have passed since the last progress (a step, an evaluation, a FedAvg round)."""
+        now = time.monotonic()
+        if self._stuck_since is None:
+            self._stuck_since, self._backoff = now, RETRY_FIRST_S
+        waited = now - self._stuck_since
+        if waited + self._backoff > self.cfg.give_up_s:
+            raise EdgeError(f"{what} within --give-up {self.cfg.give_up_s:g}s: the cloud at {self.cfg.connect} "
+                            f"answered {e} to every request for {waited:.0f}s") from None
+        log.warning("%s: %s; asking again in %.1fs", what, e, self._backoff)
+        self._pause(self._backoff)
+        self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+
+    def _progressed(self) -> None:
+        self._stuck_since = None
+
+    def _pause(self, seconds: float) -> None:
+        """Sleeps ``seconds``; SIGINT/SIGTERM end it at once (:class:`_Stop`)."""
+        end = time.monotonic() + seconds
+        while True:
+            self._check_stop()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
     def hello(self) -> None:
         m = self.manifest
         header = {
@@ -323,8 +386,6 @@ class EdgeClient:
             "fresh": not self._welcomed and not self.cfg.resume,
             "client_files": self.client_files,
         }
-        deadline = time.monotonic() + self.cfg.give_up_s
-        wait = 1.0
         while True:
             try:
                 msg = self._request(P.MsgType.HELLO, header, [], P.MsgType.WELCOME)
@@ -333,11 +394,7 @@ class EdgeClient:
                 # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
                 if e.code != P.ErrorCode.SERVER_FULL:
                     raise
-                if time.monotonic() + wait > deadline:
-                    raise EdgeError(f"{e}; no place within --give-up {self.cfg.give_up_s:.0f}s") from None
-                log.warning("%s; asking again in %.0fs", e, wait)
-                time.sleep(wait)
-                wait = min(2 * wait, 30.0)
+                self._retry_later(e, "no place")
         h = msg.header
         try:
             codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
@@ -455,7 +512,12 @@ class EdgeClient:
         elif p.step > 0:
             where = "; without --checkpoint-dir there is no checkpoint to continue from"
         if self._welcomed:  # free this edge's place on the cloud now, not after --client-timeout (no reply awaited)
-            self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+            # on an emulated link the BYE may take a second, no more (it would take minutes at a few bit/s)
+            self.link.interrupt, self.link.deadline = None, time.monotonic() + 1.0
+            try:
+                self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+            except LinkInterrupted:
+                log.info("BYE not sent: it would take more than a second on the emulated link")
         self.ep.close(linger_ms=500)
         return Interrupted(f"stopped by {name} after step {p.step} of {self.planned_steps}{where}",
                            128 + int(self.stop_signal or 0))
@@ -477,20 +539,31 @@ class EdgeClient:
                 break
             except RemoteError as e:
                 if e.code == P.ErrorCode.UNKNOWN_CLIENT:
-                    log.warning("the cloud does not know this connection (restarted?): saying HELLO again")
+                    # the cloud restarted, or timed this edge out: say HELLO again -- within --give-up, with
+                    # backoff (a cloud that answers every request so would otherwise be asked forever)
+                    self._retry_later(e, "no session on the cloud (restarted? timed out?)")
                     self.hello()
                     if self.progress.step >= step:  # the cloud had applied this step before it went down
+                        self._progressed()
                         return
                     continue
-                if e.code == P.ErrorCode.STALE_STEP and e.header.get("expected_step"):
-                    self._advance(int(e.header["expected_step"]) - step)
-                    return
+                if e.code == P.ErrorCode.STALE_STEP:
+                    expected = e.header.get("expected_step")
+                    if is_int(expected) and expected > step:  # applied already: go on from where the cloud is
+                        self._advance(expected - step)
+                        self._progressed()
+                        return
+                    # a stale_step that names no later step (this one again, or none): the cloud contradicts
+                    # itself; ask again with backoff until --give-up
+                    self._retry_later(e, f"step {step} refused as stale, with no later step to go on with")
+                    continue
                 if e.code == P.ErrorCode.NOT_FINITE:
                     self._bye("diverged")
                     raise EdgeError(f"training diverged at step {step}: the cloud rejected it ({e}); learning rate "
                                     "too high (this edge's --lr, or the cloud's)?" + self._ckpt_note()) from None
                 raise EdgeError(f"the cloud rejected step {step}: {e}") from None
         t3 = time.perf_counter()
+        self._progressed()
         P.expect_frames(msg, 1)
         # the gradient cannot be larger than the activation it belongs to: bound the decode before it allocates
         try:
@@ -533,6 +606,7 @@ class EdgeClient:
             if e.code == P.ErrorCode.UNKNOWN_CLIENT:
                 self.hello()
             return
+        self._progressed()
         expected = {k: params[k].shape for k in names}
         shapes = P.check_shapes(msg.header["names"], msg.header["shapes"], expected, "WEIGHTS_AVG")
         P.expect_frames(msg, len(shapes))
@@ -561,9 +635,19 @@ class EdgeClient:
                 raise EdgeError(str(e)) from None
             blob = self._encode(act, f"training diverged by step {self.progress.step}", training=False)
             self._eval_id += 1
-            msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)), "has_labels": True},
-                                [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
-                                match=("eval_id", self._eval_id))
+            while True:
+                try:
+                    msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)),
+                                                         "has_labels": True},
+                                        [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
+                                        match=("eval_id", self._eval_id))
+                    break
+                except RemoteError as e:  # e.g. timed out by the cloud during a long local step: HELLO again
+                    if e.code != P.ErrorCode.UNKNOWN_CLIENT:
+                        raise
+                    self._retry_later(e, "no session on the cloud (restarted? timed out?)")
+                    self.hello()
+            self._progressed()
             P.expect_frames(msg, 1)
             pred = P.read_array(msg.frames[0], "int64", (len(x),), "predictions")
             correct += int((pred == y).sum())
@@ -604,10 +688,21 @@ class EdgeClient:
         return f"; the last checkpoint saved is {latest}" if latest else ""
 
     def _bye(self, reason: str) -> None:
-        try:
-            self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
-        except (EdgeError, RemoteError) as e:
-            log.warning("BYE not acknowledged: %s", e)
+        for again in (True, False):
+            try:
+                self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
+                return
+            except RemoteError as e:
+                if again and e.code == P.ErrorCode.UNKNOWN_CLIENT:  # its session was closed (timed out): once more
+                    try:
+                        self.hello()
+                        continue
+                    except (EdgeError, RemoteError) as e2:
+                        e = e2
+                log.warning("BYE not acknowledged: %s", e)
+            except EdgeError as e:
+                log.warning("BYE not acknowledged: %s", e)
+            return
 
     def save_checkpoint(self) -> None:
         assert self.ckpt is not None
@@ -678,8 +773,8 @@ def _check_summary_target(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     try:
-        old = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+        old = load_json(path, max_bytes=1 << 20) if path.is_file() else None
+    except BadFile:
         old = None
     if not (isinstance(old, dict) and {"client_id", "final_accuracy", "steps"} <= old.keys()):
         raise EdgeInputError(f"--summary {path} exists and is not an edge-train summary: refusing to overwrite it "
@@ -766,16 +861,32 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> Non
 
 
 def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
-    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints)."""
+    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints).
+    EdgeInputError naming the file and the field unless each has its type and range."""
     try:
-        raw = json.loads(path.read_text())
-        run = raw.pop("run", None)
-        known = {f.name for f in fields(Progress)}
-        return Progress(**{k: v for k, v in raw.items() if k in known}), run if isinstance(run, dict) else None
-    except FileNotFoundError:
-        raise EdgeError(f"--resume: {path} is missing (a damaged checkpoint directory)") from None
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise EdgeError(f"--resume: {path} is unreadable ({type(e).__name__}: {e})") from None
+        raw = load_json_object(path)
+    except BadFile as e:
+        raise EdgeInputError(f"--resume: {e} (a damaged checkpoint directory)") from None
+
+    def bad(why: str) -> EdgeInputError:
+        return EdgeInputError(f"--resume: {path}: {why} (a damaged checkpoint directory)")
+
+    counts = {}
+    for f in fields(Progress):
+        if f.name == "evals" or f.name not in raw:
+            continue
+        v = raw[f.name]
+        if not is_int(v):
+            raise bad(f"{f.name} is {json.dumps(v)[:40]}, not an integer in 0..{MAX_INT}")
+        counts[f.name] = v
+    evals = raw.get("evals", [])
+    if not (isinstance(evals, list) and all(isinstance(e, dict) for e in evals)):
+        raise bad("evals is not a list of objects")
+    run = raw.get("run")
+    if run is not None and not (isinstance(run, dict) and all(
+            v is None or isinstance(v, (str, int, float)) for v in run.values())):
+        raise bad("run is not an object of plain values")
+    return Progress(**counts, evals=list(evals)), run
 
 
 class _Stop(Exception):
@@ -791,10 +902,13 @@ class Interrupted(Exception):
 
 
 class RemoteError(Exception):
+    """An ERROR from the cloud. Its code and message are the cloud's text: capped and with control
+    characters escaped (:func:`splitedge.protocol.printable`) before they reach a log or a terminal."""
+
     def __init__(self, header: dict):
         self.header = header
         self.code = header.get("code", "")
-        super().__init__(f"{self.code}: {header.get('message', '')}")
+        super().__init__(f"{P.printable(self.code, 64)}: {P.printable(header.get('message', ''), 1000)}")
 
 
 class _Bar:

@@ -235,6 +235,18 @@ def unpack(frames: list[Any]) -> Message:
     return Message(type_, header, list(frames[1:]), nbytes)
 
 
+def printable(text: Any, limit: int = 1000) -> str:
+    """``text`` fit for a log line or a terminal: at most ``limit`` characters (then "..."), and every
+    control or format character (ESC, CR, BEL, bidi overrides) escaped as ``\\x1b``, ``\\u202e``, ... --
+    a peer's text must never move the cursor, retitle the window or hide what follows."""
+    s = str(text)
+    cut = len(s) > limit
+    s = s[:limit]
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s + ("..." if cut else "")
+
+
 def expect_frames(msg: Message, count: int | tuple[int, int]) -> None:
     lo, hi = (count, count) if isinstance(count, int) else count
     if not lo <= len(msg.frames) <= hi:

@@ -60,7 +60,22 @@ def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         raise KeyFileError(f"{p} is not a ZeroMQ certificate: {e}") from None
     if not secret:
         raise KeyFileError(f"{p} holds no secret key (use the .key_secret file, not the public .key)")
+    _check_z85(p, public, "public")
+    _check_z85(p, secret, "secret")
     return public, secret
+
+
+def _check_z85(p: Path, key: bytes | None, which: str) -> None:
+    """KeyFileError unless ``key`` is a CurveZMQ key: 40 Z85 characters (32 bytes); libzmq would refuse
+    another length only when the socket is set up."""
+    from zmq.utils import z85
+
+    try:
+        ok = key is not None and len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+        ok = False
+    if not ok:
+        raise KeyFileError(f"{p}: its {which} key is not a CurveZMQ key (40 Z85 characters)")
 
 
 def load_public(path: str | os.PathLike[str]) -> bytes:
@@ -71,6 +86,7 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
         public, _ = zmq.auth.load_certificate(str(p))
     except (OSError, ValueError, zmq.ZMQError) as e:
         raise KeyFileError(f"{p} is not a ZeroMQ certificate: {e}") from None
+    _check_z85(p, public, "public")
     return public
 
 

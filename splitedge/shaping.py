@@ -59,15 +59,28 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _TIME_UNITS.get(m.group(2) or "s", 1.0)
 
 
+class LinkInterrupted(Exception):
+    """A wait on the emulated link was cut short: ``interrupt()`` said so, or the message would arrive
+    after ``deadline``. The message was not sent (or the received one is dropped)."""
+
+
 @dataclass
 class Link:
-    """Shaping state of one edge's link. ``None`` rates mean unlimited."""
+    """Shaping state of one edge's link. ``None`` rates mean unlimited.
+
+    A wait (a message's serialization time plus the latency, hours for a large message at ``1bit``)
+    sleeps in slices of at most ``poll_s``, asking ``interrupt()`` between them (e.g. "was SIGTERM
+    received?"), and is refused at once if it would end after ``deadline`` (a monotonic time, e.g.
+    the request's --give-up): :class:`LinkInterrupted` either way."""
 
     up_bps: float | None = None
     down_bps: float | None = None
     latency_s: float = 0.0
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    interrupt: Callable[[], bool] | None = None
+    deadline: float | None = None
+    poll_s: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("up_bps", "down_bps"):
@@ -84,25 +97,37 @@ class Link:
         return self.up_bps is not None or self.down_bps is not None or self.latency_s > 0
 
     def _wait_until(self, t: float) -> None:
-        delay = t - self.clock()
-        if delay > 0:
-            self.sleep(delay)
+        if self.deadline is not None and t > self.deadline and t > self.clock():
+            raise LinkInterrupted(f"the emulated link would deliver it {t - self.clock():.3g}s from now, after the "
+                                  "deadline")
+        while (delay := t - self.clock()) > 0:
+            if self.interrupt is not None and self.interrupt():
+                raise LinkInterrupted("interrupted")
+            self.sleep(min(delay, self.poll_s) if self.interrupt is not None else delay)
 
     def before_send(self, nbytes: int) -> None:
         """Blocks until a message of ``nbytes`` sent now would have reached the cloud."""
         now = self.clock()
         start = max(now, self._up_free)
         done = start + (8.0 * nbytes / self.up_bps if self.up_bps else 0.0)
-        self._up_free = done
-        self._wait_until(done + self.latency_s)
+        saved, self._up_free = self._up_free, done
+        try:
+            self._wait_until(done + self.latency_s)
+        except LinkInterrupted:
+            self._up_free = max(saved, min(done, self.clock()))  # not sent: the uplink is free from now on
+            raise
 
     def after_recv(self, nbytes: int, sent_at: float | None = None) -> None:
         """Blocks until a message of ``nbytes`` the cloud sent at ``sent_at`` (default: now) arrives."""
         t = self.clock() if sent_at is None else sent_at
         start = max(t, self._down_free)
         done = start + (8.0 * nbytes / self.down_bps if self.down_bps else 0.0)
-        self._down_free = done
-        self._wait_until(done + self.latency_s)
+        saved, self._down_free = self._down_free, done
+        try:
+            self._wait_until(done + self.latency_s)
+        except LinkInterrupted:
+            self._down_free = max(saved, min(done, self.clock()))
+            raise
 
     def describe(self) -> str:
         def r(v: float | None) -> str:

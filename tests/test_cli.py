@@ -167,3 +167,19 @@ def test_absurd_sizes_are_a_message_not_a_memory_error_traceback(argv, message, 
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["cloud-serve", "--artifacts", "{art}", "--max-message-mb", "1e30"], "--max-message-mb"),
+    (["edge-train", "--artifacts", "{art}", "--steps", str(2**53)], "--steps"),
+    (["edge-train", "--artifacts", "{art}", "--client-id", str(2**60), "--num-clients", str(2**61)], "--client-id"),
+])
+def test_numbers_beyond_what_the_program_can_use_exit_2_naming_the_option(argv, option, exported):
+    """D4: --max-message-mb 1e30 was an OverflowError traceback; --steps or --client-id beyond the
+    protocol's integers were refused by the cloud after connecting, not by the option."""
+    art = exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
+    argv = [a.replace("{art}", str(art)) for a in argv]
+    res = subprocess.run([bin_path(argv[0]), *argv[1:], "--connect" if argv[0] == "edge-train" else "--bind",
+                          "tcp://127.0.0.1:9", ], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert option in res.stderr and "range" in res.stderr, res.stderr[-2000:]

@@ -151,7 +151,10 @@ def _damage_weights(art: Path, dst: Path, *, empty_files: bool) -> Path:
 def test_garbage_server_weights_in_the_artifacts(art, tmp_path, empty_files):
     bad = _damage_weights(art, tmp_path / "art", empty_files=empty_files)
     res = _run("cloud-serve", "--artifacts", str(bad), "--bind", f"tcp://127.0.0.1:{launch.free_port()}")
-    _refused(res, str(bad / "server" / "model.safetensors"), "not a readable safetensors file", "export-client")
+    if empty_files:  # a file the manifest does not list cannot be checked: refused before it is read
+        _refused(res, "lists no sha256 for server/model.safetensors", "export-client")
+    else:
+        _refused(res, str(bad / "server" / "model.safetensors"), "not a readable safetensors file", "export-client")
 
 
 def test_server_weights_of_another_model(art, tmp_path):
@@ -159,8 +162,12 @@ def test_server_weights_of_another_model(art, tmp_path):
     from safetensors.torch import save_file
     import torch
 
-    bad = _damage_weights(art, tmp_path / "art", empty_files=True)
-    save_file({"x": torch.zeros(3)}, str(bad / "server" / "model.safetensors"))
+    bad = _damage_weights(art, tmp_path / "art", empty_files=False)
+    w = bad / "server" / "model.safetensors"
+    save_file({"x": torch.zeros(3)}, str(w))
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["server/model.safetensors"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(m))
     res = _run("cloud-serve", "--artifacts", str(bad), "--bind", f"tcp://127.0.0.1:{launch.free_port()}")
     _refused(res, "model.safetensors", "does not hold the weights of resnet18 cut 3", "1 unexpected (e.g. 'x')")
 
@@ -341,7 +348,7 @@ def _train(port: int, steps: int) -> None:
 
         welcome = ask(P.pack(P.MsgType.HELLO, {
             "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
-            "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": steps}))
+            "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": 10**6}))
         assert welcome.type == P.MsgType.WELCOME, welcome.header
         first = welcome.header["last_step"] + 1
         enc = sc.get("uq", bits=4)
@@ -440,3 +447,120 @@ def test_a_fresh_run_refuses_a_checkpoint_dir_with_an_earlier_runs_checkpoints(a
                "--checkpoint-dir", str(root))
     _refused(res, "--checkpoint-dir", "holds the checkpoints of an earlier run", "--resume")
     assert _tree(root) == before
+
+
+# ---------------------------------------------------------------------------- sessions and step ids, in-process
+
+
+class _Harness:
+    """A CloudServer driven in-process: messages go straight to its dispatcher, replies are recorded."""
+
+    def __init__(self, art: Path, tmp_path: Path, **cfg):
+        import logging
+
+        from splitedge.runtime_cloud.server import CloudServer, ServeConfig
+
+        logging.getLogger("cloud-serve").setLevel(logging.ERROR)
+        self.server = CloudServer(ServeConfig(artifacts=str(art), bind=f"tcp://127.0.0.1:{launch.free_port()}",
+                                              codec="uq", codec_params={"bits": 4}, **cfg))
+        self.replies: list[tuple[bytes, P.Message]] = []
+
+        def send(frames, identity=None):
+            self.replies.append((identity, P.unpack([bytes(f) for f in frames])))
+            return sum(len(bytes(f)) for f in frames)
+
+        self.server.ep.send = send
+
+    def ask(self, identity: bytes, type_: P.MsgType, header: dict, frames=()) -> P.Message:
+        self.replies.clear()
+        self.server._dispatch(identity, [bytes(f) for f in P.pack(type_, header, list(frames))])
+        assert len(self.replies) == 1 and self.replies[0][0] == identity, self.replies
+        return self.replies[0][1]
+
+    def hello(self, identity: bytes, client_id: int, **over) -> P.Message:
+        return self.ask(identity, P.MsgType.HELLO, {
+            "client_id": client_id, "num_clients": 4, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
+            "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": 10,
+            **over})
+
+    def train(self, identity: bytes, step: int) -> P.Message:
+        blob = sc.get("uq", bits=4).encode(np.random.default_rng(step).standard_normal((4, *ACT)).astype(np.float32),
+                                           round=step, total_rounds=10)
+        return self.ask(identity, P.MsgType.TRAIN, {"step": step, "n": 4, "round": step, "total_rounds": 10,
+                                                    "encode_ms": 0.0}, [blob, np.arange(4, dtype="<i8").tobytes()])
+
+    def eval(self, identity: bytes) -> P.Message:
+        blob = sc.get("uq", bits=4).encode(np.zeros((2, *ACT), np.float32))
+        return self.ask(identity, P.MsgType.EVAL, {"eval_id": 1, "n": 2, "has_labels": False}, [blob])
+
+    def close(self) -> None:
+        self.server.ep.close()
+
+
+@pytest.fixture
+def harness(art, tmp_path):
+    made = []
+
+    def make(**cfg) -> _Harness:
+        made.append(_Harness(art, tmp_path, **cfg))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_a_session_that_is_not_active_is_never_served(harness):
+    """D5: --max-clients was checked only at HELLO. A client that said BYE kept getting TRAIN and EVAL
+    served, and a timed-out client that came back was served beside the clients that took its place.
+    Now each request of a closed session gets unknown_client (say HELLO again), and that HELLO meets
+    the limit."""
+    h = harness(max_clients=1)
+    done, late, other = b"edge-done", b"edge-late", b"edge-other"
+    assert h.hello(done, 0).type == P.MsgType.WELCOME
+    assert h.train(done, 1).type == P.MsgType.GRAD
+    assert h.ask(done, P.MsgType.BYE, {"reason": "finished", "steps": 1}).type == P.MsgType.BYE_ACK
+    assert h.ask(done, P.MsgType.BYE, {"reason": "finished", "steps": 1}).type == P.MsgType.BYE_ACK, \
+        "a retried BYE (its BYE_ACK lost) is acknowledged again"
+    for reply in (h.train(done, 2), h.eval(done)):
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.UNKNOWN_CLIENT, reply.header
+        assert "said BYE" in reply.header["message"]
+    assert h.hello(late, 1).type == P.MsgType.WELCOME
+    h.server.by_client[1].last_seen -= 3600
+    h.server._housekeeping()  # client 1 is timed out: its place is free
+    assert h.hello(other, 2).type == P.MsgType.WELCOME
+    for reply in (h.train(late, 1), h.eval(late)):
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.UNKNOWN_CLIENT, reply.header
+        assert "timed out" in reply.header["message"]
+    reply = h.hello(late, 1)
+    assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.SERVER_FULL
+    assert sum(s.active for s in h.server.by_client.values()) == 1
+    assert h.server.by_client[1].last_step == 0, "nothing of the closed session's was applied"
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"num_clients": -1}, "num_clients"), ({"num_clients": 0}, "num_clients"),
+    ({"planned_steps": -5}, "planned_steps"), ({"planned_steps": 0}, "planned_steps"),
+    ({"planned_steps": 2**53 - 1}, "planned_steps"), ({"resume_step": -1}, "resume_step"),
+    ({"samples": -1}, "samples"), ({"client_id": 4}, "client_id"), ({"fresh": "yes"}, "fresh"),
+    ({"client_files": ["x"]}, "client_files"),
+])
+def test_every_hello_field_is_validated(harness, over, needle):
+    h = harness()
+    reply = h.hello(b"edge", 0 if "client_id" not in over else over.pop("client_id"), **over)
+    assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.BAD_MESSAGE, reply.header
+    assert needle in reply.header["message"]
+    assert not h.server.by_client, "no session made"
+
+
+def test_a_step_beyond_the_clients_plan_is_refused(harness):
+    """A TRAIN whose step jumped to 2**53 - 2 was applied, after which that client could never step
+    again; steps are now bounded by the HELLO's planned_steps (a jump within it stays possible: an
+    edge whose checkpoint is ahead of a restarted cloud's)."""
+    h = harness()
+    assert h.hello(b"edge", 0, planned_steps=10).type == P.MsgType.WELCOME
+    for step in (2**53 - 2, 11):
+        reply = h.train(b"edge", step)
+        assert reply.type == P.MsgType.ERROR and "beyond this client's plan of 10 steps" in reply.header["message"]
+    assert h.server.by_client[0].last_step == 0 and h.server.server_step == 0
+    assert h.train(b"edge", 10).type == P.MsgType.GRAD

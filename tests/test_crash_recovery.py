@@ -202,7 +202,7 @@ def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
         in " ".join(res.stderr.split()), res.stderr[-2000:]
     (ckpt / (ckpt / "LATEST").read_text().strip() / "edge_progress.json").write_text('{"step": ')
     res = resume()
-    assert res.returncode == 1 and "edge_progress.json is unreadable" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "edge_progress.json: not valid JSON" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
 
 
@@ -287,11 +287,14 @@ def test_checkpoint_dir_ignores_leftover_temporaries_and_an_uncommitted_checkpoi
     assert second == tmp_path / "ckpt-000000010-0001" and cd.latest() == second
     assert json.loads((second / "state.json").read_text()) == {"ok": True}
     assert cd.write("000000015", _fill) == tmp_path / "ckpt-000000015"
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010-0001", "ckpt-000000015"]
-    assert not [p for p in tmp_path.glob(f".tmp-ckpt-*-{os.getpid()}")], "its own temporaries are gone"
+    # its own older checkpoint is rotated out; the uncommitted one it did not write stays
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010", "ckpt-000000010-0001",
+                                                               "ckpt-000000015"]
+    assert not [p for p in tmp_path.glob(f".tmp-ckpt-*-{os.getpid()}-*")], "its own temporaries are gone"
+    assert leftover.is_dir(), "another process's temporary is not this run's to delete"
     # with no LATEST at all (a crash before the very first LATEST was written) there is no checkpoint
-    (tmp_path / "LATEST").unlink()
-    assert cd.latest() is None
+    empty = CheckpointDir(tmp_path / "new")
+    assert empty.latest() is None
 
 
 @pytest.mark.parametrize("latest", ["ckpt-000000099", "../ckpt-000000005", "", "garbage"])
@@ -301,6 +304,90 @@ def test_a_latest_naming_no_checkpoint_is_a_clear_error(tmp_path, latest):
     (tmp_path / "LATEST").write_text(latest + "\n")
     with pytest.raises(OSError, match="LATEST names .* not a checkpoint directory"):
         cd.latest()
+
+
+def _tree(d: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def _earlier_run(root: Path) -> None:
+    """An earlier run's checkpoints 5 and 10 (LATEST is set by each case)."""
+    old = CheckpointDir(root, keep=5)
+    for tag in ("000000005", "000000010"):
+        old.write(tag, _fill)
+
+
+@pytest.mark.parametrize("state", ["LATEST missing", "LATEST empty", "LATEST names a missing checkpoint",
+                                   "LATEST is binary garbage"])
+def test_a_directory_of_checkpoints_without_a_readable_latest_is_never_read_as_empty(tmp_path, state):
+    """D1: a missing LATEST used to read as "no checkpoint yet": --resume started over and its rotation
+    deleted the earlier run's checkpoints. Now latest() refuses, with a repair hint naming the newest
+    checkpoint, and a writer that goes on anyway deletes none of them."""
+    _earlier_run(tmp_path)
+    latest = tmp_path / "LATEST"
+    if state == "LATEST missing":
+        latest.unlink()
+    else:
+        latest.write_bytes({"LATEST empty": b"", "LATEST names a missing checkpoint": b"ckpt-000000099\n",
+                            "LATEST is binary garbage": b"\xff\xfe\x00ckpt"}[state])
+    before = _tree(tmp_path)
+    cd = CheckpointDir(tmp_path, keep=1)
+    with pytest.raises(OSError) as e:
+        cd.latest()
+    assert f"echo ckpt-000000010 > {latest}" in str(e.value) and "nothing was changed" in str(e.value)
+    assert _tree(tmp_path) == before
+    for tag in ("000000001", "000000002", "000000003"):  # a run that started over regardless
+        cd.write(tag, _fill)
+    assert {"ckpt-000000005", "ckpt-000000010"} <= {p.name for p in tmp_path.glob("ckpt-*")}
+    assert sorted(p.name for p in tmp_path.glob("ckpt-00000000[123]")) == ["ckpt-000000003"], "its own rotate"
+
+
+def test_rotation_deletes_only_the_checkpoints_of_this_run_in_a_directory_of_foreign_files(tmp_path):
+    """Foreign files and directories, some named like checkpoints, survive any number of checkpoints;
+    the checkpoint a run resumed from (adopted) rotates out like its own, the older ones it did not
+    write stay."""
+    foreign = {"notes.txt": b"mine", "ckpt-000000001.txt": b"a file, not a checkpoint", "backup/x.bin": b"\0"}
+    for rel, data in foreign.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    cd = CheckpointDir(tmp_path, keep=1)
+    assert cd.latest() is None, "no checkpoint directory here: a run that stopped before its first"
+    for tag in ("000000002", "000000004", "000000004"):
+        cd.write(tag, _fill)
+    assert {rel: (tmp_path / rel).read_bytes() for rel in foreign} == foreign
+    assert [p.name for p in tmp_path.glob("ckpt-*") if p.is_dir()] == ["ckpt-000000004-0001"]
+    # a later run resumes from the latest one, with an older one of another run beside it
+    (tmp_path / "ckpt-000000003").mkdir()
+    resumed = CheckpointDir(tmp_path, keep=1)
+    start = resumed.latest()
+    resumed.adopt(start)
+    resumed.write("000000006", _fill)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*") if p.is_dir()) == ["ckpt-000000003", "ckpt-000000006"]
+    assert {rel: (tmp_path / rel).read_bytes() for rel in foreign} == foreign
+
+
+@pytest.mark.parametrize("state", ["LATEST missing", "LATEST empty"])
+def test_cloud_and_edge_resume_refuse_checkpoints_without_a_readable_latest(art, tmp_path, state):
+    """D1 through the commands: exit 2 with the repair hint, the directory untouched (the cloud used
+    to start fresh here, the edge to train from its initial weights)."""
+    ckpt = tmp_path / "ckpt"
+    _earlier_run(ckpt)
+    if state == "LATEST missing":
+        (ckpt / "LATEST").unlink()
+    else:
+        (ckpt / "LATEST").write_text("")
+    before = _tree(ckpt)
+    res = subprocess.run(launch.script("cloud-serve") + [
+        "--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{launch.free_port()}", "--checkpoint-dir", str(ckpt),
+        "--resume"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"echo ckpt-000000010 > {ckpt / 'LATEST'}" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and _tree(ckpt) == before
+    res = subprocess.run(launch.script("edge-train") + [
+        "--artifacts", str(art), "--data", SYNTH, "--checkpoint-dir", str(ckpt), "--resume", "--steps", "1",
+        "--connect", f"tcp://127.0.0.1:{launch.free_port()}", "--give-up", "2"], capture_output=True, text=True,
+        timeout=60)
+    assert res.returncode == 2 and f"echo ckpt-000000010 > {ckpt / 'LATEST'}" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and _tree(ckpt) == before
 
 
 def test_cloud_and_edge_refuse_to_resume_from_a_damaged_checkpoint_dir(art, tmp_path):
@@ -318,7 +405,7 @@ def test_cloud_and_edge_refuse_to_resume_from_a_damaged_checkpoint_dir(art, tmp_
         "--artifacts", str(art), "--data", SYNTH, "--checkpoint-dir", str(ckpt), "--resume", "--steps", "1",
         "--connect", f"tcp://127.0.0.1:{launch.free_port()}", "--give-up", "5"], capture_output=True, text=True,
         timeout=120)
-    assert res.returncode == 1 and "LATEST names 'ckpt-000000042'" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "LATEST names 'ckpt-000000042'" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     # a committed checkpoint that lacks its state file (e.g. deleted by hand)
     (ckpt / "ckpt-000000042").mkdir()

@@ -215,7 +215,7 @@ def test_resume_from_a_damaged_edge_checkpoint_names_it_and_an_earlier_one(art, 
         (d / "edge_checkpoint").write_bytes(b"\0not an ORT checkpoint" * 50)
     (ck / "LATEST").write_text("ckpt-000000010\n")
     res = _edge(art, "--steps", "20", "--checkpoint-dir", str(ck), "--resume")
-    _clean(res, 1, f"--resume: {ck / 'ckpt-000000010' / 'edge_checkpoint'} cannot be loaded by ONNX Runtime",
+    _clean(res, 2, f"--resume: {ck / 'ckpt-000000010' / 'edge_checkpoint'} cannot be loaded by ONNX Runtime",
            f"writing its name (ckpt-000000005) into {ck / 'LATEST'}", "start fresh")
     assert (ck / "LATEST").read_text() == "ckpt-000000010\n"
 
@@ -316,17 +316,24 @@ def test_a_late_summary_write_failure_names_the_option_and_keeps_the_result(tmp_
 # ---------------------------------------------------------------------------- 7. bad input is exit code 2
 
 
-@pytest.mark.parametrize("case", ["missing secret", "junk secret", "missing server key"])
+@pytest.mark.parametrize("case", ["missing secret", "junk secret", "missing server key", "short keys",
+                                  "short server key"])
 def test_bad_key_files_are_bad_input(art, tmp_path, case):
+    import zmq.auth  # not imported by "import zmq"
+
     good = tmp_path / "keys"
     good.mkdir()
     public, secret = zmq.auth.create_certificates(str(good), "client")
     junk = tmp_path / "junk.key_secret"
     junk.write_text("not a certificate\n")
+    short = tmp_path / "short.key_secret"  # a certificate whose keys are not 40 Z85 characters
+    short.write_text('metadata\ncurve\n    public-key = "short"\n    secret-key = "alsoshort"\n')
     secret_file, server_file, needle = {
         "missing secret": (tmp_path / "nope.key_secret", public, "--curve-secret: key file"),
         "junk secret": (junk, public, "--curve-secret: "),
         "missing server key": (secret, tmp_path / "nope.key", "--server-key: key file"),
+        "short keys": (short, public, "is not a CurveZMQ key"),
+        "short server key": (secret, short, "--server-key: "),
     }[case]
     res = _edge(art, "--steps", "1", "--curve-secret", str(secret_file), "--server-key", str(server_file))
     _clean(res, 2, needle)

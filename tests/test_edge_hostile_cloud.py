@@ -40,7 +40,8 @@ def _welcome(**over) -> dict:
 class FakeCloud:
     """Answers HELLO with ``welcome`` and every TRAIN with ``on_train(header) -> frames``; PING with PONG."""
 
-    def __init__(self, welcome: dict, on_train):
+    def __init__(self, welcome: dict, on_train, on_hello=None):
+        self.on_hello = on_hello  # header -> frames, instead of the WELCOME
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -58,7 +59,7 @@ class FakeCloud:
             ident, *frames = self.sock.recv_multipart()
             msg = P.unpack(frames)
             if msg.type == P.MsgType.HELLO:
-                out = P.pack(P.MsgType.WELCOME, self.welcome)
+                out = self.on_hello(msg.header) if self.on_hello else P.pack(P.MsgType.WELCOME, self.welcome)
             elif msg.type == P.MsgType.TRAIN:
                 self.trains += 1
                 out = self.on_train(msg.header)
@@ -81,12 +82,16 @@ def _grad(header: dict, payload: bytes, **over) -> list:
     return P.pack(P.MsgType.GRAD, h, [payload])
 
 
-def _edge(art: Path, port: int, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch.script("edge-train") + [
+def _edge_cmd(art: Path, port: int, tmp_path: Path, *extra: str) -> list[str]:
+    return launch.script("edge-train") + [
         "--artifacts", str(art), "--connect", f"tcp://127.0.0.1:{port}", "--data", SYNTH, "--steps", "2",
         "--batch-size", str(BATCH), "--eval-samples", "16", "--threads", "1", "--no-progress",
         "--timeout", "1", "--give-up", "6", "--summary", str(tmp_path / "s.json"), *extra,
-    ], capture_output=True, text=True, timeout=180)
+    ]
+
+
+def _edge(art: Path, port: int, tmp_path: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(_edge_cmd(art, port, tmp_path, *extra), capture_output=True, text=True, timeout=timeout)
 
 
 def _run(art, tmp_path, welcome, on_train) -> tuple[subprocess.CompletedProcess, int]:
@@ -140,3 +145,117 @@ def test_edge_stops_cleanly_on_what_a_hostile_cloud_sends(art, tmp_path, case):
     assert not (tmp_path / "s.json").exists(), "no summary: the run did not complete"
     if on_train is None:
         assert trains == 0, "a WELCOME with unusable settings: the edge never trains"
+
+
+# ---------------------------------------------------------------------------- answers that allow no progress
+
+
+def _error(code: str, re: str, **extra) -> list:
+    return P.pack(P.MsgType.ERROR, {"code": code, "message": f"scripted {code}", "re": re, **extra})
+
+
+NO_PROGRESS = {
+    "unknown_client to every TRAIN": (None, lambda h: _error("unknown_client", "TRAIN", step=h["step"]), ()),
+    "stale_step naming the same step": (
+        None, lambda h: _error("stale_step", "TRAIN", step=h["step"], expected_step=h["step"]), ()),
+    "server_full to every HELLO": (lambda h: _error("server_full", "HELLO"), None, ()),
+    "a 1 bit/s emulated link": (None, None, ("--bandwidth", "1bit")),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_PROGRESS))
+def test_give_up_bounds_every_retry_loop(art, tmp_path, case):
+    """D2/D3: a cloud that answers every TRAIN with unknown_client (the edge says HELLO again) or with a
+    stale_step naming the same step kept the edge sending thousands of messages a second, forever; at
+    1 bit/s the edge slept through --give-up in one emulated send. Now each ends with exit 1 and a
+    message once --give-up (4 s here) has passed without progress, having asked with backoff."""
+    on_hello, on_train, extra = NO_PROGRESS[case]
+    cloud = FakeCloud(_welcome(), on_train or (lambda h: _grad(h, b"")), on_hello=on_hello)
+    try:
+        res = _edge(art, cloud.port, tmp_path, "--give-up", "4", *extra, timeout=90)
+    finally:
+        cloud.close()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "--give-up 4s" in res.stderr, res.stderr[-3000:]
+    assert cloud.trains < 20, f"{cloud.trains} TRAIN messages: no backoff"
+
+
+def _until_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
+    """Reads proc's stderr lines until one matches ``pattern``; the lines read."""
+    import re
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    lines: list[str] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sel.select(timeout=0.5):
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if re.search(pattern, line):
+                return lines
+    raise AssertionError(f"no line matching {pattern!r} within {timeout}s: {''.join(lines)[-3000:]}")
+
+
+@pytest.mark.parametrize("case", ["a 100 bit/s emulated link", "waiting for a place on a full cloud"])
+def test_sigterm_stops_the_edge_within_seconds(art, tmp_path, case):
+    """D3: SIGTERM used to wait for the end of an emulated send (a minute for the HELLO at 100 bit/s,
+    within --give-up; at 1 bit/s --give-up now refuses it at once) or of a backoff sleep (up to 30 s);
+    now the edge stops within a poll interval, with the exit code of an interruption."""
+    import signal
+    import time
+
+    full = case.startswith("waiting")
+    cloud = FakeCloud(_welcome(), lambda h: _grad(h, b""),
+                      on_hello=(lambda h: _error("server_full", "HELLO")) if full else None)
+    extra = ("--give-up", "300") + (() if full else ("--bandwidth", "100bit"))
+    proc = subprocess.Popen(_edge_cmd(art, cloud.port, tmp_path, *extra), stderr=subprocess.PIPE, text=True)
+    try:
+        # in the middle of a wait: the 8 s backoff step (after 1-2-4 or 0.5-1-2-4), or the HELLO's emulated send
+        _until_line(proc, r"asking again in 8(\.0)?s" if full else "emulated link:", timeout=120)
+        if not full:
+            time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("edge-train still running 5 s after SIGTERM") from None
+        assert time.monotonic() - t0 < 5
+        err = proc.stderr.read()
+        assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, (proc.returncode, err[-3000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cloud.close()
+
+
+# ---------------------------------------------------------------------------- terminal injection
+
+HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[2J\x1b[1;1H\r\u202eevil" + "A" * 40_000
+
+
+def test_a_cloud_error_text_is_capped_and_its_control_characters_escaped(art, tmp_path):
+    """D7: the edge printed the cloud's ERROR text whole and raw: escape sequences reached the terminal
+    (retitle, clear screen, cursor moves, a bidi override). Now it is capped and escaped, as the cloud
+    does with what peers send."""
+    from splitedge.runtime_edge.client import RemoteError
+
+    text = str(RemoteError({"code": "bad_message\x1b[31m", "message": HOSTILE_TEXT}))
+    assert text.isprintable() and len(text) < 1200, text[:200]
+    assert "\\x1b]0;owned\\x07" in text and "\\u202e" in text
+    cloud = FakeCloud(_welcome(), lambda h: P.pack(P.MsgType.ERROR, {
+        "code": "bad_message", "message": HOSTILE_TEXT, "re": "TRAIN", "step": h["step"]}))
+    try:
+        res = _edge(art, cloud.port, tmp_path)
+    finally:
+        cloud.close()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "\x1b" not in res.stderr and "\u202e" not in res.stderr and "\x07" not in res.stderr
+    assert "the cloud rejected step 1: bad_message: \\x1b]0;owned" in res.stderr, res.stderr[-3000:]
+    assert len(res.stderr) < 20_000, "the 40 000-character message is capped"

@@ -323,3 +323,267 @@ def test_mismatched_curve_options_exit_2(art, keys):
                                                          "--authorized-clients", str(keys / "authorized_clients")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no secret key" in res.stderr
+
+
+# ---------------------------------------------------------------------------- hostile local files
+# Every file the cloud or the edge reads is checked before use: a file with deep nesting, fields of
+# the wrong type or out of range, or non-finite weights is refused with a message naming it (the
+# commands exit 2), never a RecursionError, a ValueError after joining the cloud, or NaN training.
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+def _manifest_case(art: Path, dst: Path, case: str) -> Path:
+    import shutil
+
+    shutil.copytree(art, dst)
+    path = dst / "manifest.json"
+    m = json.loads(path.read_text())
+    if case == "deep nesting":
+        text = json.dumps(m)[:-1] + ', "extra": ' + DEEP + "}"
+        path.write_text(text)
+        return dst
+    edits = {
+        "cut of the wrong type": ("cut", "3"),
+        "input_shape of the wrong type": ("input_shape", "1x28x28"),
+        "files of the wrong type": ("files", ["client/checkpoint"]),
+        "negative num_classes": ("num_classes", -1),
+        "a zero dimension": ("activation_shape", [64, 0, 14]),
+        "a huge dimension": ("input_shape", [1, 2**40, 28]),
+        "a negative learning rate": ("optimizer", {**m["optimizer"], "lr": -1}),
+        "a path outside the artifacts": ("files", {**m["files"], "../../etc/passwd": "0" * 64}),
+    }
+    key, value = edits[case]
+    m[key] = value
+    path.write_text(json.dumps(m))
+    return dst
+
+
+MANIFEST_CASES = ["deep nesting", "cut of the wrong type", "input_shape of the wrong type", "files of the wrong type",
+                  "negative num_classes", "a zero dimension", "a huge dimension", "a negative learning rate",
+                  "a path outside the artifacts"]
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES)
+def test_a_hostile_manifest_is_refused_naming_it(art, tmp_path, case):
+    from splitedge.export import manifest as mf
+
+    bad = _manifest_case(art, tmp_path / "art", case)
+    with pytest.raises(mf.ManifestError, match="manifest.json"):
+        mf.load(bad, verify=False)
+
+
+def test_a_deeply_nested_manifest_makes_both_commands_exit_2(art, tmp_path):
+    bad = _manifest_case(art, tmp_path / "art", "deep nesting")
+    for argv in (["cloud-serve", "--artifacts", str(bad), "--bind", f"tcp://127.0.0.1:{launch.free_port()}"],
+                 ["edge-train", "--artifacts", str(bad), "--data", SYNTH, "--steps", "1",
+                  "--connect", f"tcp://127.0.0.1:{launch.free_port()}", "--give-up", "1"]):
+        res = subprocess.run(launch.script(argv[0]) + argv[1:], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert str(bad / "manifest.json") in res.stderr and "nested more than" in res.stderr, res.stderr[-2000:]
+
+
+SERVER_STATE = {"format_version": 1, "server_step": 7, "model": "resnet18", "cut": 3,
+                "clients": {"0": {"last_step": 7, "done": False}}}
+SERVER_STATE_CASES = {
+    "deep nesting": '{"server_step": 7, "model": "resnet18", "cut": 3, "clients": {"0": ' + DEEP + "}}",
+    "NaN": json.dumps(SERVER_STATE).replace('"server_step": 7', '"server_step": NaN'),
+    "server_step as a string": {**SERVER_STATE, "server_step": "7"},
+    "clients as a list": {**SERVER_STATE, "clients": [7]},
+    "done as a string": {**SERVER_STATE, "clients": {"0": {"last_step": 7, "done": "no"}}},
+    "negative server_step": {**SERVER_STATE, "server_step": -1},
+    "negative last_step": {**SERVER_STATE, "clients": {"0": {"last_step": -5}}},
+    "a last_step of 2**70": {**SERVER_STATE, "clients": {"0": {"last_step": 2**70}}},
+    "a client id that is no integer": {**SERVER_STATE, "clients": {"1e3": {"last_step": 1}}},
+    "a negative client id": {**SERVER_STATE, "clients": {"-1": {"last_step": 1}}},
+}
+
+
+@pytest.mark.parametrize("case", list(SERVER_STATE_CASES))
+def test_a_hostile_server_state_is_refused_naming_it(tmp_path, case):
+    from splitedge.runtime_cloud.server import _read_server_state
+    from splitedge.runtime_cloud.trainer import CorruptFile
+
+    content = SERVER_STATE_CASES[case]
+    path = tmp_path / "server_state.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(CorruptFile) as e:
+        _read_server_state(path)
+    assert str(path) in str(e.value)
+    assert _read_server_state(_write(tmp_path / "ok.json", SERVER_STATE))[0] == 7, "the valid one still reads"
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server_ckpt(art, tmp_path_factory):
+    """A real checkpoint of the server model (SGD with momentum: it has optimizer state)."""
+    from splitedge.export import manifest as mf
+    from splitedge.runtime_cloud.trainer import ServerModel
+
+    model = ServerModel(art, mf.load(art), optimizer="sgd", lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    model.train_step(rng.standard_normal((4, 64, 14, 14)).astype(np.float32), np.array([0, 1, 2, 3]))
+    d = tmp_path_factory.mktemp("server-ckpt")
+    model.save(d)
+    return d
+
+
+def _nan_safetensors(path: Path) -> None:
+    """The same tensors, the first floating one poisoned with NaN."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(path))
+    name = next(k for k, v in t.items() if v.is_floating_point())
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] = float("nan")
+    save_file(t, str(path))
+
+
+OPTIMIZER_CASES = ["deep nesting", "an lr of NaN", "a negative lr", "a momentum of 5", "steps as a string",
+                   "NaN in server_model.safetensors", "Inf in server_optimizer.safetensors"]
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+def test_a_hostile_server_checkpoint_is_refused_naming_the_file(art, server_ckpt, tmp_path, case):
+    import shutil
+
+    from splitedge.export import manifest as mf
+    from splitedge.runtime_cloud.trainer import CorruptFile, ServerModel
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(server_ckpt, d)
+    meta_path = d / "server_optimizer.json"
+    meta = json.loads(meta_path.read_text())
+    target = meta_path
+    if case == "deep nesting":
+        meta_path.write_text(json.dumps(meta)[:-1] + ', "x": ' + DEEP + "}")
+    elif case == "an lr of NaN":
+        meta_path.write_text(json.dumps(meta).replace('"lr": 0.01', '"lr": NaN'))
+    elif case == "a negative lr":
+        meta["param_groups"][0]["lr"] = -1.0
+        _write(meta_path, meta)
+    elif case == "a momentum of 5":
+        meta["param_groups"][0]["momentum"] = 5
+        _write(meta_path, meta)
+    elif case == "steps as a string":
+        meta["steps"] = "many"
+        _write(meta_path, meta)
+    elif case.startswith("NaN"):
+        target = d / "server_model.safetensors"
+        _nan_safetensors(target)
+    else:
+        target = d / "server_optimizer.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(target))
+        name = next(iter(t))
+        t[name] = t[name].clone().fill_(float("inf"))
+        save_file(t, str(target))
+    model = ServerModel(art, mf.load(art), optimizer="sgd", lr=0.01, momentum=0.9)
+    with pytest.raises(CorruptFile) as e:
+        model.load(d)
+    assert str(target) in str(e.value), str(e.value)
+
+
+def test_non_finite_or_unlisted_server_weights_in_the_artifacts_are_refused(art, tmp_path):
+    """D6: the cloud used to load server/model.safetensors with no sha256 in the manifest, and NaN
+    weights whose sha256 matched."""
+    import hashlib
+    import shutil
+
+    from splitedge.export import manifest as mf
+    from splitedge.runtime_cloud.trainer import CorruptFile, ServerModel
+
+    bad = tmp_path / "art"
+    shutil.copytree(art, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    del m["files"]["server/model.safetensors"]
+    _write(bad / "manifest.json", m)
+    with pytest.raises(CorruptFile, match="lists no sha256 for server/model.safetensors"):
+        ServerModel(bad, mf.load(bad))
+    w = bad / "server" / "model.safetensors"
+    _nan_safetensors(w)
+    m["files"]["server/model.safetensors"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    _write(bad / "manifest.json", m)
+    with pytest.raises(CorruptFile, match="holds NaN or Inf") as e:
+        ServerModel(bad, mf.load(bad))
+    assert str(w) in str(e.value)
+
+
+PROGRESS = {"step": 4, "epoch": 0, "batch": 4, "bytes_sent": 10, "bytes_received": 10, "samples": 64, "evals": []}
+PROGRESS_CASES = {
+    "deep nesting": '{"step": 4, "evals": ' + DEEP + "}",
+    "step as a string": {**PROGRESS, "step": "4"},
+    "step as a float": {**PROGRESS, "step": 4.5},
+    "evals as a string": {**PROGRESS, "evals": "none"},
+    "run as a list": {**PROGRESS, "run": [1]},
+    "a negative step": {**PROGRESS, "step": -3},
+    "a step of 2**70": {**PROGRESS, "step": 2**70},
+    "a negative byte count": {**PROGRESS, "bytes_sent": -1},
+    "Infinity": json.dumps(PROGRESS).replace('"samples": 64', '"samples": Infinity'),
+}
+
+
+@pytest.mark.parametrize("case", list(PROGRESS_CASES))
+def test_a_hostile_edge_progress_file_is_refused_naming_it(tmp_path, case):
+    from splitedge.runtime_edge.client import EdgeInputError, _load_progress
+
+    content = PROGRESS_CASES[case]
+    path = tmp_path / "edge_progress.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(EdgeInputError) as e:
+        _load_progress(path)
+    assert str(path) in str(e.value)
+    assert _load_progress(_write(tmp_path / "ok.json", PROGRESS))[0].step == 4, "the valid one still reads"
+
+
+def test_a_resumed_edge_checkpoint_with_nan_weights_or_an_impossible_position_exits_2(art, tmp_path):
+    """The ORT checkpoint of a diverged run (NaN weights), and a progress file whose batch lies beyond
+    the epoch (the batch stream would yield nothing, forever): refused at start, exit 2."""
+    from splitedge.fsutil import CheckpointDir
+    from splitedge.runtime_edge.ort_backend import EdgeModel
+
+    model = EdgeModel(art)
+    params = model.get_parameters()
+    name = sorted(params)[0]
+    model.set_parameters({name: np.full_like(params[name], np.nan)})
+    cases = {"nan": ({"step": 2, "epoch": 0, "batch": 2}, True, "holds NaN or Inf"),
+             "position": ({"step": 2, "epoch": 0, "batch": 999}, False, "batch 999 is beyond")}
+    for case, (progress, poisoned, needle) in cases.items():
+        root = tmp_path / case
+
+        def write(d: Path, progress=progress, poisoned=poisoned) -> None:
+            (EdgeModel(art) if not poisoned else model).save_checkpoint(d / "edge_checkpoint")
+            (d / "edge_progress.json").write_text(json.dumps(progress))
+
+        CheckpointDir(root).write(f"{progress['step']:09d}", write)
+        res = subprocess.run(launch.script("edge-train") + [
+            "--artifacts", str(art), "--data", SYNTH, "--batch-size", "16", "--checkpoint-dir", str(root), "--resume",
+            "--steps", "4", "--connect", f"tcp://127.0.0.1:{launch.free_port()}", "--give-up", "1"],
+            capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_deeply_nested_file_at_the_summary_path_is_kept(tmp_path):
+    from splitedge.runtime_edge.client import EdgeInputError, _check_summary_target
+
+    path = tmp_path / "s.json"
+    path.write_text(DEEP)
+    with pytest.raises(EdgeInputError, match="is not an edge-train summary"):
+        _check_summary_target(path)
+    assert path.read_text() == DEEP
+
+
+def test_a_deeply_nested_profile_is_refused_naming_it(tmp_path):
+    """edge-train --profile reads a TOML file: deep nesting was a RecursionError traceback."""
+    from splitedge.profiles.schema import ProfileError, load
+
+    path = tmp_path / "deep.toml"
+    path.write_text('name = "x"\nbad = ' + "[" * 3000 + "1" + "]" * 3000 + "\n")
+    with pytest.raises(ProfileError, match="nested too deeply") as e:
+        load(path)
+    assert str(path) in str(e.value)

@@ -135,3 +135,30 @@ def test_real_link_is_never_faster_than_the_setting(direction):
     link = Link(up_bps=rate if direction == "uplink" else None, down_bps=rate if direction == "downlink" else None)
     elapsed = _round_trips(link, count, size, direction)
     assert elapsed >= 8 * size * count / rate * 0.999
+
+
+def test_a_long_emulated_send_is_interruptible_and_honours_a_deadline():
+    """D3: at 1 bit/s a 1000-byte message occupies the uplink for 8000 s; the sleep used to be one
+    uninterruptible call. Now it stops within a poll interval of interrupt() turning true, refuses at once
+    a delivery beyond the deadline, and leaves the link usable (not busy with the message never sent)."""
+    import threading
+    import time
+
+    from splitedge.shaping import LinkInterrupted
+
+    stop = threading.Event()
+    link = Link(up_bps=1, interrupt=stop.is_set, poll_s=0.05)
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(LinkInterrupted):
+        link.before_send(1000)
+    assert time.monotonic() - t0 < 5, "stopped long before the 8000 s the message needs"
+    clock = FakeClock()
+    link = Link(up_bps=8, down_bps=8, clock=clock, sleep=clock.sleep, deadline=clock.t + 10)
+    with pytest.raises(LinkInterrupted, match="after the deadline"):
+        link.before_send(100)  # 100 s
+    with pytest.raises(LinkInterrupted, match="after the deadline"):
+        link.after_recv(100)
+    assert clock.t == 100.0, "refused without waiting"
+    link.before_send(5)  # 5 s: within the deadline, and the refused message did not occupy the uplink
+    assert clock.t == pytest.approx(105.0)
