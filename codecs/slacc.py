@@ -72,7 +72,7 @@ import numpy as np
 
 from . import _linear, bitpack
 from . import format as fmt
-from .base import Codec, Param, as3, check_finite, expect_sections, f32, prod, read_struct
+from .base import Codec, Param, as3, check_finite, expect_sections, f32, grid_param, prod, read_struct
 
 _CHUNK = 1 << 18  # floats per entropy block
 
@@ -230,14 +230,32 @@ def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
     return lab
 
 
-def allocate_bits(E: np.ndarray, groups: int, b_min: int, b_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Eq. 4-6: (group of each channel, group mean entropies Ebar_g, bit width b_g)."""
+#: The largest possible gap between two channels' Eq. 1 entropies (M -> infinity): log M - H of a
+#: channel whose normalized values are 0 or 1 in the proportion that maximizes it (0.1117 nats at a
+#: share of ~0.46 at 1).  Every H_i lies in [log M - ENTROPY_SPAN, log M].
+ENTROPY_SPAN = float(max(-np.log(1 - p + p * np.e) + p * np.e / (1 - p + p * np.e) for p in np.linspace(0, 1, 100001)))
+
+BIT_MAPS = ("minmax", "span")
+
+
+def allocate_bits(
+    E: np.ndarray, groups: int, b_min: int, b_max: int, bit_map: str = "minmax"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eq. 4-6: (group of each channel, group mean entropies Ebar_g, bit width b_g).
+
+    ``bit_map="minmax"`` is Eq. 6 as written; ``"span"`` measures each group's distance from
+    the top group in units of :data:`ENTROPY_SPAN` instead of the observed spread (see the
+    module docstring).
+    """
     lab = kmeans_1d(E, groups)
     g = int(lab.max()) + 1
     cnt = np.bincount(lab, minlength=g)
     ebar = np.bincount(lab, weights=np.asarray(E, np.float64), minlength=g) / cnt
     lo, hi = ebar.min(), ebar.max()
-    if hi > lo:
+    if bit_map == "span":
+        bits = b_max - round_half_away((hi - ebar) / ENTROPY_SPAN * (b_max - b_min))
+        bits = np.clip(bits, b_min, b_max)
+    elif hi > lo:
         bits = b_min + round_half_away((ebar - lo) / (hi - lo) * (b_max - b_min))
     else:
         bits = np.full(g, b_max, np.float64)
@@ -255,7 +273,15 @@ class SLACC(Codec):
         "alpha": Param(1.0, float, 0.0, 1.0, doc="a_t when schedule='constant'"),
         "total_rounds": Param(None, int, 1, None, optional=True, doc="T of Eq. 3 when encode() is not given it"),
         "window": Param(0, int, 0, None, doc="rounds averaged into Hbar (0 = all past rounds)"),
+        "grid": grid_param(),
+        "bit_map": Param("minmax", str, choices=BIT_MAPS, doc="Eq. 6 as written ('minmax') or against the "
+                         "largest possible entropy spread ('span')"),
+        "ranking": Param("entropy", str, choices=("entropy", "none"), doc="'entropy': ACII + CGC; 'none': one "
+                         "group at max_bits (the ablation of the channel ranking)"),
     }
+    version = 2
+    read_versions = (1, 2)
+    minmax_version = 1
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -334,27 +360,37 @@ class SLACC(Codec):
             self._remember(self.last_stats["H"])
             self._count += 1
         bmin, bmax = self._p["min_bits"], self._p["max_bits"]
-        lab, ebar, bits = allocate_bits(E, self._p["groups"], bmin, bmax)
+        if self._p["ranking"] == "none":
+            lab, ebar, bits = np.zeros(c, np.int64), np.array([float(E.mean())]), np.array([bmax], np.int64)
+        else:
+            lab, ebar, bits = allocate_bits(E, self._p["groups"], bmin, bmax, self._p["bit_map"])
         g = bits.size
         self.last_stats.update(groups=lab, ebar=ebar, bits=bits)
         glo = np.full(g, np.inf, np.float32)
         ghi = np.full(g, -np.inf, np.float32)
         np.minimum.at(glo, lab, mn)
         np.maximum.at(ghi, lab, mx)
-        scale = np.array([_linear.scale_of(glo[i], ghi[i], int(bits[i])) for i in range(g)], np.float32)
         codes = np.empty(x3.shape, np.uint8)
-        # per-channel factors expanded to rows of C*S: long contiguous inner loops
-        _linear.codes_into(
-            x3.reshape(n, c * s), np.repeat(glo[lab], s), np.repeat(scale[lab], s), codes.reshape(n, c * s)
-        )
+        rows = (n, c * s)
+        if self._p["grid"] == "minmax":
+            scale = np.array([_linear.scale_of(glo[i], ghi[i], int(bits[i])) for i in range(g)], np.float32)
+            # per-channel factors expanded to rows of C*S: long contiguous inner loops
+            _linear.codes_into(x3.reshape(rows), np.repeat(glo[lab], s), np.repeat(scale[lab], s), codes.reshape(rows))
+        else:
+            steps, zps = _linear.zero_grids(glo, ghi, bits)
+            inv = _linear.inv_step(steps)
+            _linear.zero_codes_into(x3.reshape(rows), np.repeat(inv[lab], s), np.repeat(zps[lab], s),
+                                    np.repeat(bits[lab], s), codes.reshape(rows))
         streams = []
         for i in range(g):
             ch = np.flatnonzero(lab == i)
             sub = codes[:, ch, :] if ch.size < c else codes
             streams.append(bitpack.pack(sub, int(bits[i]), check=False))
-        table = np.stack([glo, ghi], axis=1).astype("<f4")
         params = bytes([g, bmin, bmax])
-        return params, [lab.astype(np.uint8), bits.astype(np.uint8), table, np.concatenate(streams)]
+        head = [lab.astype(np.uint8), bits.astype(np.uint8)]
+        if self._p["grid"] == "minmax":
+            return params, [*head, np.stack([glo, ghi], axis=1).astype("<f4"), np.concatenate(streams)]
+        return params, [*head, zps.astype(np.uint8), steps.astype("<f4"), np.concatenate(streams)]
 
     # ------------------------------------------------------------------ decode
 
@@ -366,7 +402,8 @@ class SLACC(Codec):
         s = prod(shape[2:])
         if g < 1 or g > c:
             raise fmt.PayloadError(f"slacc payload: {g} groups for {c} channels")
-        expect_sections(h, [c, g, 8 * g, None])
+        v2 = h.codec_version == 2
+        expect_sections(h, [c, g, g, 4 * g, None] if v2 else [c, g, 8 * g, None])
         lab = np.frombuffer(h.sections[0], np.uint8).astype(np.int64)
         if lab.max() >= g:
             raise fmt.PayloadError(f"slacc payload: channel group {int(lab.max())} >= {g} groups")
@@ -376,15 +413,23 @@ class SLACC(Codec):
         bits = np.frombuffer(h.sections[1], np.uint8).astype(np.int64)
         if bits.min() < 1 or bits.max() > 8:
             raise fmt.PayloadError(f"slacc payload: bit widths {bits.tolist()} outside 1..8")
-        table = f32(h.sections[2], 2 * g, "slacc group ranges").reshape(g, 2)
-        if (table[:, 1] < table[:, 0]).any():
-            raise fmt.PayloadError("slacc payload: a group range has max < min")
+        if v2:
+            zps = np.frombuffer(h.sections[2], np.uint8).astype(np.int64)
+            steps = f32(h.sections[3], g, "slacc group steps")
+            _linear.check_zero_grid(steps, zps, bits, "slacc")
+            L = (1 << bits) - 1
+            table = np.stack([-zps * steps.astype(np.float64), (L - zps) * steps.astype(np.float64)], axis=1)
+        else:
+            table = f32(h.sections[2], 2 * g, "slacc group ranges").reshape(g, 2)
+            if (table[:, 1] < table[:, 0]).any():
+                raise fmt.PayloadError("slacc payload: a group range has max < min")
+        codes_sec = h.sections[-1]
         sizes = [bitpack.packed_size(n * int(cnt[i]) * s, int(bits[i])) for i in range(g)]
-        if h.sections[3].nbytes != sum(sizes):
+        if codes_sec.nbytes != sum(sizes):
             raise fmt.PayloadError(
-                f"slacc payload: code section has {h.sections[3].nbytes} bytes, expected {sum(sizes)}"
+                f"slacc payload: code section has {codes_sec.nbytes} bytes, expected {sum(sizes)}"
             )
-        data = np.frombuffer(h.sections[3], np.uint8)
+        data = np.frombuffer(codes_sec, np.uint8)
         out = np.empty((n, c, s), np.float32)
         off = 0
         for i in range(g):
@@ -393,7 +438,10 @@ class SLACC(Codec):
             q = bitpack.unpack(data[off : off + sizes[i]], b, n * ch.size * s).reshape(n, ch.size, s)
             off += sizes[i]
             vals = np.empty(q.shape, np.float32)
-            _linear.dequantize_codes(q, table[i, 0], _linear.step_of(table[i, 0], table[i, 1], b), vals)
+            if v2:
+                _linear.zero_dequantize_codes(q, steps[i], zps[i], vals)
+            else:
+                _linear.dequantize_codes(q, table[i, 0], _linear.step_of(table[i, 0], table[i, 1], b), vals)
             if ch.size == c:
                 out = vals
             else:
@@ -401,10 +449,12 @@ class SLACC(Codec):
         meta = {
             "groups": lab,
             "bits": bits,
-            "group_min": table[:, 0].copy(),
-            "group_max": table[:, 1].copy(),
+            "group_min": table[:, 0].astype(np.float32),
+            "group_max": table[:, 1].astype(np.float32),
             "bits_per_channel": bits[lab],
         }
+        if v2:
+            meta.update(step=steps.copy(), zero_point=zps)
         return out.reshape(shape), meta
 
     def error_bound(self, x, meta=None):
@@ -416,5 +466,6 @@ class SLACC(Codec):
         bound = 0.0
         for i in range(bits.size):
             ch = lab == i
-            bound = max(bound, _linear.error_bound(mn[ch].min(), mx[ch].max(), int(bits[i])))
+            eb = _linear.error_bound if self._p["grid"] == "minmax" else _linear.zero_error_bound
+            bound = max(bound, eb(mn[ch].min(), mx[ch].max(), int(bits[i])))
         return bound

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import _linear, bitpack
 from . import format as fmt
-from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
+from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, grid_param, prod, read_struct, seed_param
 
 FILLS = ("zero", "mean")
 
@@ -89,7 +89,11 @@ class SplitFC(Codec):
         "keep": Param(0.5, float, 1e-6, 1.0, doc="R: expected fraction of channels kept"),
         "fill": Param("zero", str, choices=FILLS, doc="what replaces a dropped channel"),
         "seed": seed_param(),
+        "grid": grid_param(),
     }
+    version = 2
+    read_versions = (1, 2)
+    minmax_version = 1
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -117,17 +121,23 @@ class SplitFC(Codec):
         kidx = np.flatnonzero(kept)
         sub = x3[:, kidx, :] if kidx.size < c else x3
         lo, hi = mn[kidx], mx[kidx]
-        scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
         codes = np.empty(sub.shape, np.uint8)
-        if sub.size:
-            _linear.codes_into(sub, lo[None, :, None], scale[None, :, None], codes)
+        zero = self._p["grid"] == "zero"
+        if zero:
+            steps, zps = _linear.zero_grids(lo, hi, b)
+            if sub.size:
+                _linear.zero_codes_into(sub, _linear.inv_step(steps)[None, :, None], zps[None, :, None], b, codes)
+        else:
+            scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
+            if sub.size:
+                _linear.codes_into(sub, lo[None, :, None], scale[None, :, None], codes)
         fill = 1 if self._p["fill"] == "mean" else 0
         fills = (
             x3[:, ~kept, :].mean(axis=(0, 2), dtype=np.float64).astype("<f4") if fill else np.empty(0, "<f4")
         )
         sections = [
             bitpack.pack(kept.astype(np.uint8), 1, check=False),
-            np.stack([lo, hi], axis=1).astype("<f4"),
+            *([zps.astype(np.uint8), steps.astype("<f4")] if zero else [np.stack([lo, hi], axis=1).astype("<f4")]),
             fills,
             bitpack.pack(codes, b, check=False),
         ]
@@ -142,29 +152,40 @@ class SplitFC(Codec):
             raise fmt.PayloadError(f"splitfc payload: unknown fill mode {fill}")
         n, c = h.shape[0], h.shape[1]
         s = prod(h.shape[2:])
-        expect_sections(h, [bitpack.packed_size(c, 1), None, None, None])
+        v2 = h.codec_version == 2
+        ns = 5 if v2 else 4
+        expect_sections(h, [bitpack.packed_size(c, 1)] + [None] * (ns - 1))
         kept = bitpack.unpack(h.sections[0], 1, c).astype(bool)
         k = int(kept.sum())
+        grid = [k, 4 * k] if v2 else [8 * k]
         expect_sections(
             h,
             [
                 bitpack.packed_size(c, 1),
-                8 * k,
+                *grid,
                 4 * (c - k) if fill else 0,
                 bitpack.packed_size(n * k * s, b),
             ],
         )
-        table = f32(h.sections[1], 2 * k, "splitfc ranges").reshape(k, 2)
-        if (table[:, 1] < table[:, 0]).any():
-            raise fmt.PayloadError("splitfc payload: a channel range has max < min")
+        if v2:
+            zps = np.frombuffer(h.sections[1], np.uint8).astype(np.int64)
+            steps = f32(h.sections[2], k, "splitfc steps")
+            _linear.check_zero_grid(steps, zps, b, "splitfc")
+        else:
+            table = f32(h.sections[1], 2 * k, "splitfc ranges").reshape(k, 2)
+            if (table[:, 1] < table[:, 0]).any():
+                raise fmt.PayloadError("splitfc payload: a channel range has max < min")
         out = np.zeros((n, c, s), np.float32)
         if fill:
-            out[:, ~kept, :] = f32(h.sections[2], c - k, "splitfc fill values")[None, :, None]
+            out[:, ~kept, :] = f32(h.sections[-2], c - k, "splitfc fill values")[None, :, None]
         if k:
-            q = bitpack.unpack(h.sections[3], b, n * k * s).reshape(n, k, s)
+            q = bitpack.unpack(h.sections[-1], b, n * k * s).reshape(n, k, s)
             vals = np.empty(q.shape, np.float32)
-            steps = np.array([_linear.step_of(table[i, 0], table[i, 1], b) for i in range(k)], np.float32)
-            _linear.dequantize_codes(q, table[None, :, 0, None], steps[None, :, None], vals)
+            if v2:
+                _linear.zero_dequantize_codes(q, steps[None, :, None], zps[None, :, None], vals)
+            else:
+                steps = np.array([_linear.step_of(table[i, 0], table[i, 1], b) for i in range(k)], np.float32)
+                _linear.dequantize_codes(q, table[None, :, 0, None], steps[None, :, None], vals)
             out[:, kept, :] = vals
         return out.reshape(h.shape), {"kept": kept, "bits": b, "fill": FILLS[fill]}
 
@@ -179,8 +200,9 @@ class SplitFC(Codec):
         x3 = as3(np.ascontiguousarray(x, np.float32))
         kept = meta["kept"]
         bound = 0.0
+        eb = _linear.error_bound if self._p["grid"] == "minmax" else _linear.zero_error_bound
         for c in np.flatnonzero(kept):
-            bound = max(bound, _linear.error_bound(x3[:, c].min(), x3[:, c].max(), meta["bits"]))
+            bound = max(bound, eb(x3[:, c].min(), x3[:, c].max(), meta["bits"]))
         drop = x3[:, ~kept, :]
         if drop.size:
             if meta["fill"] == "mean":
