@@ -94,7 +94,7 @@ def grid_param() -> Param:
     return Param(
         "zero", str, choices=GRIDS,
         doc="quantization grid: 'zero' keeps 0 exact (integer zero point, codec version 2), "
-        "'minmax' the paper's min-max grid (version 1, the ablation)",
+        "'minmax' the min-max grid of codec version 1 (the ablation)",
     )
 
 

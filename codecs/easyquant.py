@@ -2,8 +2,16 @@
 
     mu, sigma = mean and standard deviation of the tensor
     outliers  = { i : |x_i - mu| > k sigma }            kept exactly: float32 value + index
-    inliers quantized uniformly in a tuned range [lo, hi] (values outside it are clipped):
+    inliers quantized uniformly in a tuned range [lo, hi] (values outside it are clipped),
+    by default (``grid="zero"``, codec version 2) on the zero-preserving grid of _linear.py
+    over [min(lo, 0), max(hi, 0)]:
+        q = clip(round_half_away(x / step) + zp, 0, 2^n - 1),  x_hat = (q - zp) step
+    and with ``grid="minmax"`` (codec version 1, the ablation):
         q = round((clip(x, lo, hi) - lo) / (hi - lo) (2^n - 1)),  x_hat = lo + q step
+
+The zero grid is an interpretation: the usual asymmetric weight quantizer of the LLM methods
+EasyQuant compares with (GPTQ's) rounds x/step and adds an integer zero point, so 0 is one of
+its levels, and nothing in EasyQuant's range search needs a grid without 0.
 
 EasyQuant tunes the quantization range of each weight matrix by gradient descent on the
 reconstruction error; this codec, per tensor, searches the range instead (data-free,
@@ -14,17 +22,20 @@ One range per tensor (the paper's per-channel ranges are for weight rows).  Code
 written for every element, outlier positions included (a simpler layout at n bits per
 outlier), and outliers overwrite them on decode.
 
-Payload (codec version 1):
+Payload (codec version 2):
 
-    params   u8 n                                                          (P = 1)
-    sec 0    f32[2]     lo, hi
+    params   u8 n, u8 zp                                                   (P = 2)
+    sec 0    f32[1]     step
     sec 1    packed     outlier flat indices, increasing, ceil(log2 N C H W) bits each
     sec 2    f32[K]     outlier values
     sec 3    packed     codes of every element, ceil(n N C H W / 8) bytes
 
-    bytes = 36 + 1 + 16 + 8 + ceil(K ceil(log2 M) / 8) + 4 K + ceil(n M / 8),  M = N C H W
+    bytes = 36 + 2 + 16 + 4 + ceil(K ceil(log2 M) / 8) + 4 K + ceil(n M / 8),  M = N C H W
 
-meta from decode_with_meta: ``outliers`` (K,) int64 flat indices, ``min``, ``max``, ``bits``.
+Codec version 1: params u8 n (P = 1), sec 0 f32[2] (lo, hi); bytes = 36 + 1 + 16 + 8 + ...
+
+meta from decode_with_meta: ``outliers`` (K,) int64 flat indices, ``min``, ``max`` (the grid's
+end levels), ``bits``, and in version 2 ``step``, ``zero_point``.
 backward: identity (STE).
 """
 

@@ -1,9 +1,15 @@
 """``powerquant``: power-function non-uniform quantization (PowerQuant [36] in sl-acc.txt, Yvinec et al.).
 
     y     = sign(x) |x|^a                                  the automorphism, 0 < a <= 1
-    q     = round((y - y_min) / (y_max - y_min) (2^n - 1))  uniform n-bit, half away from zero
-    y_hat = y_min + q (y_max - y_min) / (2^n - 1)
+    q     = round_half_away(y / step) + zp                 uniform n-bit on the zero grid (default)
+    y_hat = (q - zp) step                                  0 decodes to exactly 0
     x_hat = sign(y_hat) |y_hat|^(1/a)
+
+(step, zp): the zero-preserving grid of _linear.py over [min(y_min, 0), max(y_max, 0)]
+(``grid="zero"``, codec version 2).  PowerQuant's automorphism is odd and made for symmetric
+quantization, so a grid with a level at 0 is the paper's own; ``grid="minmax"`` (codec
+version 1, the ablation) is q = round((y - y_min) / (y_max - y_min) (2^n - 1)),
+y_hat = y_min + q (y_max - y_min) / (2^n - 1), with no level at 0.
 
 y_min = f(x_min), y_max = f(x_max) (f is increasing).  The exponent is chosen per tensor
 by a small search, as the paper's automorphism search: a in {0.25, 0.30, ..., 1.00}
@@ -16,10 +22,12 @@ Error bound (used by the tests): the inverse map is Lipschitz on [-Y, Y], Y = ma
 with constant (1/a) Y^(1/a - 1), so |x - x_hat| <= (1/a) Y^(1/a - 1) (y_max - y_min) /
 (2 (2^n - 1)) plus float32 rounding.
 
-Payload (codec version 1): params u8 n (P = 1); sec 0 = f32 [a, y_min, y_max];
-sec 1 = packed codes, ceil(n N C H W / 8) bytes.   bytes = 36 + 1 + 8 + 12 + ceil(n N C H W / 8)
+Payload (codec version 2): params u8 n, u8 zp (P = 2); sec 0 = f32 [a, step];
+sec 1 = packed codes, ceil(n N C H W / 8) bytes.   bytes = 36 + 2 + 8 + 8 + ceil(n N C H W / 8)
+(version 1: params u8 n; sec 0 = f32 [a, y_min, y_max]; bytes = 36 + 1 + 8 + 12 + ceil(...)).
 
-meta from decode_with_meta: ``a``, ``bits``, ``min``, ``max`` (of y).  backward: identity (STE).
+meta from decode_with_meta: ``a``, ``bits``, ``min``, ``max`` (of y: the grid's end levels),
+and in version 2 ``step``, ``zero_point``.  backward: identity (STE).
 """
 
 from __future__ import annotations

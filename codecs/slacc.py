@@ -23,6 +23,20 @@ CGC:
     x_hat = x_min,g + q (x_max,g - x_min,g) / (2^b_g - 1)
     with round() = round half away from zero everywhere (Eq. 6 and Eq. 7).
 
+Eq. 7 as implemented by default (``grid="zero"``, codec version 2) -- an interpretation:
+
+    lo_g = min(x_min,g, 0), hi_g = max(x_max,g, 0)       the group's range widened to include 0
+    (step_g, zp_g) = the smallest step whose levels (k - zp_g) step_g, zp_g an integer,
+                     k = 0..2^b_g-1, cover [lo_g, hi_g]   (codecs/_linear.py, zero_grid)
+    q = round_half_away(x / step_g) + zp_g,   x_hat = (q - zp_g) step_g   0 decodes to exactly 0
+
+The paper rounds "half away from zero to reduce quantization bias", which means something only
+on a grid centred on zero.  On the literal grid (``grid="minmax"``, codec version 1, kept for
+the ablation) no level is at 0, and the gradient returned to the edge -- ~80% exact zeros from
+the maxpool at ResNet-18 cut 3, its range set by heavy tails -- decodes every zero to a level
+up to half a step away: about range/6 at 2 bits, roughly 10x mean|g| (issue 14).  A ReLU
+activation (x_min = 0) gets zp = 0 and the same grid either way.
+
 Interpretations (where the paper is silent or ambiguous):
 
 * Entropies are computed with the identity above (softmax of values in [0,1] is nearly
@@ -45,23 +59,37 @@ Interpretations (where the paper is silent or ambiguous):
 * ``bits`` (what every quantizing codec takes) is a shorthand for the ceiling: it sets
   ``max_bits = bits`` and lowers ``min_bits`` to ``bits`` if needed.  Default 2..8 as in
   the paper's experiments.  ``groups`` defaults to 4 (not stated in the paper).
-* The quantization range of a group is the min and max over all its channels; the
-  bounds are exact (no clipping), so |x - x_hat| <= (x_max,g - x_min,g) / (2 (2^b_g - 1)).
+* The quantization range of a group is the min and max over all its channels (widened to 0
+  on the zero grid); no clipping, so |x - x_hat| <= step_g / 2 (zero grid; except 1 bit
+  across 0, see _linear.py) or (x_max,g - x_min,g) / (2 (2^b_g - 1)) (min-max grid).
 * The same codec compresses the gradients on the way back (its own object and state).
+* ``bit_map`` (default ``"minmax"``: Eq. 6 as written).  Eq. 6 normalizes by the observed
+  spread, so one group is always at b_min and one at b_max, even when the entropies differ by
+  0.04 nats.  ``"span"`` normalizes by the largest possible spread instead (ENTROPY_SPAN =
+  0.1233 nats, the log M - H of the most concentrated softmax of values in [0, 1]):
+  b_g = b_max - round((max Ebar - Ebar_g) / ENTROPY_SPAN (b_max - b_min)), clipped to [b_min, b_max].
+* ``ranking`` (default ``"entropy"``: ACII + CGC).  ``"none"``: one group, every channel at
+  max_bits -- the ablation of the channel ranking (on gradients the entropy ranking is close
+  to noise: issue 14).  scripts/grad_fidelity.py measures both settings on real gradients.
 
-Payload (codec version 1), after the common header:
+Payload (codec version 2, ``grid="zero"``), after the common header:
 
     params   u8 G (groups present), u8 b_min, u8 b_max                  (P = 3)
     sec 0    u8[C]         group of every channel
     sec 1    u8[G]         bit width b_g
-    sec 2    f32[G, 2]     (x_min,g, x_max,g)
-    sec 3    packed codes: group by group (increasing g), each the values x[:, channels
+    sec 2    u8[G]         zero point zp_g
+    sec 3    f32[G]        step_g
+    sec 4    packed codes: group by group (increasing g), each the values x[:, channels
              of g (increasing index), :] in C order, b_g bits each, ceil(N*C_g*S*b_g/8) bytes
 
-    bytes = 36 + 3 + 4*4 + C + 9 G + sum_g ceil(N * C_g * S * b_g / 8)
+    bytes = 36 + 3 + 4*5 + C + 6 G + sum_g ceil(N * C_g * S * b_g / 8)
+
+Codec version 1 (``grid="minmax"``): sec 2 is f32[G, 2] (x_min,g, x_max,g), no sec 3;
+bytes = 36 + 3 + 4*4 + C + 9 G + sum_g ceil(...).
 
 meta from decode_with_meta: ``groups`` (C,) int64, ``bits`` (G,) int64, ``group_min`` and
-``group_max`` (G,) float32, ``bits_per_channel`` (C,) int64.  backward: identity (STE).
+``group_max`` (G,) float32 (the grid's end levels), ``bits_per_channel`` (C,) int64, and in
+version 2 ``step`` (G,) float32 and ``zero_point`` (G,) int64.  backward: identity (STE).
 """
 
 from __future__ import annotations
@@ -231,9 +259,15 @@ def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
 
 
 #: The largest possible gap between two channels' Eq. 1 entropies (M -> infinity): log M - H of a
-#: channel whose normalized values are 0 or 1 in the proportion that maximizes it (0.1117 nats at a
-#: share of ~0.46 at 1).  Every H_i lies in [log M - ENTROPY_SPAN, log M].
-ENTROPY_SPAN = float(max(-np.log(1 - p + p * np.e) + p * np.e / (1 - p + p * np.e) for p in np.linspace(0, 1, 100001)))
+#: channel whose normalized values are 0 or 1 in the proportion that maximizes it (0.1233 nats at a
+#: share of 0.34 at 1).  Every H_i lies in [log M - ENTROPY_SPAN, log M].
+def _entropy_span() -> float:
+    p = np.linspace(0.0, 1.0, 100001)
+    s = 1 - p + p * np.e  # mean of e^z for a share p of z = 1, the rest z = 0
+    return float((p * np.e / s - np.log(s)).max())
+
+
+ENTROPY_SPAN = _entropy_span()
 
 BIT_MAPS = ("minmax", "span")
 

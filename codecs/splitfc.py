@@ -9,8 +9,11 @@ The paper's full formulas were not available; this is the project's interpretati
                others, then they share the remainder equally; all sigma = 0 -> p_c = R)
     keep_c   ~ Bernoulli(p_c) (the codec's seeded generator): high-variance channels are
                kept, low-variance ones -- which carry little information -- dropped
-    kept c:  q = round((x - x_min,c) / (x_max,c - x_min,c) (2^n - 1)), per-channel min/max,
-             n bits (half away from zero), x_hat = x_min,c + q step_c
+    kept c:  n bits on a per-channel grid over the channel's [x_min,c, x_max,c]: by default
+             (``grid="zero"``, codec version 2) the zero-preserving grid of _linear.py,
+             q = round_half_away(x / step_c) + zp_c, x_hat = (q - zp_c) step_c (0 exact);
+             with ``grid="minmax"`` (codec version 1, the ablation)
+             q = round((x - x_min,c) / (x_max,c - x_min,c) (2^n - 1)), x_hat = x_min,c + q step_c
     dropped: x_hat = 0 (``fill="zero"``), or the channel mean (``fill="mean"``, one float32
              each; an option because a low-variance channel is close to its mean)
 
@@ -27,17 +30,24 @@ channels are zeroed with probability 1 - p_c, was evaluated on full-strength inp
 (a measured drop from 79 % train to 41-61 % test accuracy on Fashion-MNIST).
 ``error_bound`` describes training payloads (it compares with the unscaled input).
 
+The zero grid is the project's interpretation (the paper's quantizer formulas were not
+available): a dropped channel is 0 already, and a kept one keeps its exact zeros too.
+
 backward: the gradient is dropped on the same channels: dL/dQ(X) times the kept mask.
 
-Payload (codec version 1):
+Payload (codec version 2):
 
     params   u8 n, u8 fill (0 zero, 1 mean)                                (P = 2)
     sec 0    packed     keep mask, 1 bit per channel, ceil(C / 8) bytes
-    sec 1    f32[K, 2]  (x_min,c, x_max,c) of the K kept channels, in channel order
-    sec 2    f32[C - K] fill values of the dropped channels (empty for fill = zero)
-    sec 3    packed     codes of x[:, kept, :] in C order, ceil(N K H W n / 8) bytes
+    sec 1    u8[K]      zero points zp_c of the K kept channels, in channel order
+    sec 2    f32[K]     steps step_c
+    sec 3    f32[C - K] fill values of the dropped channels (empty for fill = zero)
+    sec 4    packed     codes of x[:, kept, :] in C order, ceil(N K H W n / 8) bytes
 
-    bytes = 36 + 2 + 16 + ceil(C/8) + 8 K + 4 (C - K) [mean] + ceil(n N K H W / 8)
+    bytes = 36 + 2 + 20 + ceil(C/8) + 5 K + 4 (C - K) [mean] + ceil(n N K H W / 8)
+
+Codec version 1 (``grid="minmax"``): sec 1 is f32[K, 2] (x_min,c, x_max,c), no zero points;
+bytes = 36 + 2 + 16 + ceil(C/8) + 8 K + 4 (C - K) [mean] + ceil(n N K H W / 8).
 
 meta from decode_with_meta: ``kept`` (C,) bool, ``bits``, ``fill``.
 """

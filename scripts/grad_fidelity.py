@@ -81,15 +81,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    import torch
-
     import splitedge.codecs as codecs
-    from splitedge.export import split as split_mod
-    from splitedge.export import zoo
     from splitedge.runtime_edge import data as D
 
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
     try:
         ds = D.load(a.data, split="train")
     except (D.DatasetError, ValueError, OSError) as e:
@@ -102,6 +96,13 @@ def main(argv=None) -> int:
         if not variants:
             print(f"grad_fidelity: --only {a.only!r} matches no row", file=sys.stderr)
             return 2
+    import torch
+
+    from splitedge.export import split as split_mod
+    from splitedge.export import zoo
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
 
     model = zoo.build("resnet18", ds.num_classes, ds.input_shape[0])
     edge, cloud = split_mod.split("resnet18", model, 3)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         loss = torch.nn.functional.cross_entropy(cloud(sent), y)
         opt_c.zero_grad()
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         g = sent.grad.numpy().astype(np.float32)
         gnorm = float(np.linalg.norm(g))
         gmean = float(np.abs(g).mean())
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
                 ev = torch.cat([t.reshape(-1) for t in est]).double()
                 den = float(tv.norm() * ev.norm())
                 cos[j] = float(tv @ ev) / den if den > 0 else float("nan")
+        if (step + 1) % 25 == 0 and step + 1 < a.steps:
+            print(f"step {step + 1}/{a.steps}, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         opt_e.zero_grad()
         act.backward(torch.from_numpy(g))
         opt_e.step()
