@@ -16,6 +16,12 @@ given), and measured against g:
 * ``cos@N`` = cosine between the edge's parameter gradient (conv1.weight, bn1.weight, bn1.bias,
   concatenated) obtained from g_hat and the one from g, at the last step.
 
+A second table follows for the SL-ACC rows (issue 14, item 2): on the gradient, the rank
+correlation (Spearman) of the channel entropies E_i between consecutive steps and the share of
+channels whose bit width changes from one step to the next (means over the steps); and the same
+SL-ACC settings on the activation the edge sends (its own stream per row): bits per value and
+rel.err, means over the steps.
+
 The training itself always uses the true gradient, so every codec sees the same sequence.  The
 codecs' backward rules for a compressed forward pass (randtopk's support, splitfc's dropped
 channels, clio's slices, sgq's calibration) do not apply: the activation is not compressed here.
@@ -60,6 +66,15 @@ VARIANTS: list[tuple[str, str, dict, bool]] = [
     ("splitfc:4 grid=minmax", "splitfc", {"bits": 4, "grid": "minmax"}, True),
     ("easyquant:4 grid=minmax", "easyquant", {"bits": 4, "grid": "minmax"}, True),
 ]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two vectors (ties broken by position; nan if either is constant)."""
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def parse_args(argv):
@@ -121,6 +136,13 @@ def main(argv=None) -> int:
     zeros_all = 0
     enc_s = np.zeros(k)
     cos = np.full(k, np.nan)
+    sl = [j for j, v in enumerate(variants) if v[1] == "slacc"]
+    act_streams = {j: codecs.get("slacc", **variants[j][2]) for j in sl}
+    rank_corr = {j: [] for j in sl}
+    changed = {j: [] for j in sl}
+    prev = {}
+    act_rel = {j: [] for j in sl}
+    act_bits = {j: [] for j in sl}
     t0 = time.perf_counter()
     losses = []
     for step in range(a.steps):
@@ -153,6 +175,20 @@ def main(argv=None) -> int:
             zeros_kept[j] += int((gh[zmask] == 0).sum())
             if last:
                 decoded.append(gh)
+            if j in act_streams:
+                E = c.last_stats["E"]
+                bpc = c.last_stats["bits"][c.last_stats["groups"]]
+                if j in prev:
+                    rank_corr[j].append(spearman(prev[j][0], E))
+                    changed[j].append(float((prev[j][1] != bpc).mean()))
+                prev[j] = (E, bpc)
+        an = act.detach().numpy()
+        anorm = float(np.linalg.norm(an))
+        for j, c in act_streams.items():
+            blob = c.encode(an, round=step, total_rounds=a.steps)
+            ah = codecs.decode(blob)
+            act_rel[j].append(float(np.linalg.norm(ah.astype(np.float64) - an)) / anorm if anorm > 0 else 0.0)
+            act_bits[j].append(8 * len(blob) / an.size)
         params = [p for p in edge.parameters()]
         if last:
             true = torch.autograd.grad(act, params, torch.from_numpy(g), retain_graph=True)
@@ -193,6 +229,14 @@ def main(argv=None) -> int:
               f"{row['rel_err_min']:6.3f}-{row['rel_err_max']:<6.3f} {row['bias']:+7.3f} "
               f"{row['bias_min']:+7.3f}/{row['bias_max']:+7.3f} {row['zeros_exact']:6.3f} {row['cosine']:7.3f}")
     print("* ablation (issue 14): the min-max grid (codec version 1), SL-ACC's Eq. 6 map and ranking alternatives")
+    print()
+    print(f"{'SL-ACC setting':28s} {'grad: rank corr':>15s} {'bits changed':>12s} {'act: bits/val':>13s} {'rel.err':>7s}")
+    for j in sl:
+        rc = float(np.mean(rank_corr[j])) if rank_corr[j] else float("nan")
+        ch = float(np.mean(changed[j])) if changed[j] else float("nan")
+        rows[j].update(grad_rank_corr=rc, grad_bits_changed=ch, act_bits_per_value=float(np.mean(act_bits[j])),
+                       act_rel_err=float(np.mean(act_rel[j])))
+        print(f"{variants[j][0]:28s} {rc:15.3f} {ch:12.3f} {rows[j]['act_bits_per_value']:13.2f} {rows[j]['act_rel_err']:7.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"settings": vars(a), "zero_share": zero_share, "seconds": wall, "rows": rows}, f, indent=1)

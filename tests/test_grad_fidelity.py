@@ -35,7 +35,13 @@ def test_grad_fidelity_prints_a_row_for_every_codec(tmp_path):
     for label in ("uq:4", "slacc", "powerquant:4", "easyquant:4"):
         assert by[label]["zeros_exact"] == 1.0
     assert by["uq:4 grid=minmax"]["zeros_exact"] < 0.5 and by["slacc grid=minmax"]["zeros_exact"] < 0.5
-    assert "cos@3" in r.stdout and "bias" in r.stdout
+    assert "cos@3" in r.stdout and "bias" in r.stdout and "SL-ACC setting" in r.stdout
+    # item 2's measures, for every SL-ACC row: the gradient ranking's stability, the activation side
+    for row in rows:
+        if row["codec"] == "slacc":
+            assert -1 <= row["grad_rank_corr"] <= 1 and 0 <= row["grad_bits_changed"] <= 1
+            assert row["act_bits_per_value"] > 0 and row["act_rel_err"] >= 0
+    assert by["slacc ranking=none"]["grad_bits_changed"] == 0  # one group: no channel changes width
 
 
 def test_grad_fidelity_refuses_bad_arguments():
