@@ -151,7 +151,7 @@ def minmax(x: np.ndarray) -> tuple[np.float32, np.float32]:
 #
 # A ReLU activation (lo = 0) gets zp = 0 and step = hi/(2^b-1): the min-max grid, unchanged.
 # For lo < 0 < hi the step is at most (hi - lo)/(2^b - 2) (one level lost, at most, to put
-# one on 0).  The decoder multiplies the integer q - zp by the float32 step (a 2^b-entry table).
+# one on 0).  The decoder multiplies the integer q - zp (exact in float32) by the float32 step.
 
 
 def zero_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, int]:
@@ -202,29 +202,43 @@ def inv_step(step) -> np.ndarray:
     return np.minimum(inv, np.finfo(np.float32).max).astype(np.float32)
 
 
-def zero_codes_into(x: np.ndarray, inv, zp, bits: int, out: np.ndarray, tmp=None, itmp=None) -> None:
+def zero_codes_into(
+    x: np.ndarray, inv, zp, bits, out: np.ndarray, tmp=None, itmp=None, nonneg: bool = False, clip: bool = False
+) -> None:
     """uint8 codes round_half_away(x * inv) + zp, clipped to 0..2^b-1, into ``out``.
 
     ``inv``/``zp`` scalars or arrays broadcastable to ``x`` (``bits`` the widest of them,
     codes of narrower ones never exceed their own range but by float rounding, clipped by
     the caller's packing width).  The float->int cast truncates towards zero, so adding
     copysign(0.5, x) first rounds half away from zero; x = 0 gives exactly zp.
+
+    ``nonneg=True`` (the caller knows min(x) >= 0, hence zp = 0: a ReLU activation) takes the
+    min-max grid's 2-operation path, trunc(x * inv + 0.5): the same codes, half away from zero
+    being half up for x >= 0.  ``clip=True``: values may lie far outside the grid (easyquant's
+    clipped range); they are bounded before the integer cast.
     """
     if tmp is None:
         tmp = np.empty(x.shape, np.float32)
+    if nonneg:
+        np.multiply(x, np.asarray(inv, np.float32), out=tmp)
+        np.add(tmp, np.float32(0.5), out=tmp)
+        np.copyto(out, tmp, casting="unsafe")
+        return
     if itmp is None:
         itmp = np.empty(x.shape, np.int16)
     np.multiply(x, np.asarray(inv, np.float32), out=tmp)
     np.add(tmp, np.copysign(np.float32(0.5), tmp), out=tmp)  # trunc(t + sign(t)/2) = half away
-    np.clip(tmp, np.float32(-512.0), np.float32(512.0), out=tmp)  # far outside any grid: int16-safe
+    if clip:
+        np.clip(tmp, np.float32(-512.0), np.float32(512.0), out=tmp)  # far outside any grid: int16-safe
     np.copyto(itmp, tmp, casting="unsafe")
     np.add(itmp, np.asarray(zp, np.int16), out=itmp)
     np.clip(itmp, 0, np.asarray((1 << np.asarray(bits)) - 1, np.int16), out=itmp)
     np.copyto(out, itmp, casting="unsafe")
 
 
-def zero_quantize_pack(x: np.ndarray, step, zp: int, bits: int) -> np.ndarray:
-    """Blocked :func:`zero_codes_into` + packing of a flat array with one (step, zp)."""
+def zero_quantize_pack(x: np.ndarray, step, zp: int, bits: int, nonneg: bool = False, clip: bool = False) -> np.ndarray:
+    """Blocked :func:`zero_codes_into` + packing of a flat array with one (step, zp);
+    ``nonneg``: every value is >= 0 (then zp = 0), the fast path."""
     x = x.reshape(-1)
     n = x.size
     inv = inv_step(step)
@@ -237,7 +251,7 @@ def zero_quantize_pack(x: np.ndarray, step, zp: int, bits: int) -> np.ndarray:
     for s in range(0, n, BLOCK):
         e = min(n, s + BLOCK)
         c = cb[: e - s]
-        zero_codes_into(x[s:e], inv, zp, bits, c, tmp[: e - s], itmp[: e - s])
+        zero_codes_into(x[s:e], inv, zp, bits, c, tmp[: e - s], itmp[: e - s], nonneg, clip)
         if e <= n8:
             bitpack.pack_into(c, bits, out[s * bits // 8 : e * bits // 8])
         else:
@@ -270,7 +284,6 @@ def zero_dequantize(packed, bits: int, count: int, step, zp: int, out: np.ndarra
     a = np.frombuffer(packed, np.uint8) if not isinstance(packed, np.ndarray) else packed
     if out is None:
         out = np.empty(count, np.float32)
-    lv = zero_levels(step, zp, bits)
     n8 = count - count % 8
     cb = np.empty(min(count, BLOCK), np.uint8)
     for s in range(0, count, BLOCK):
@@ -280,7 +293,7 @@ def zero_dequantize(packed, bits: int, count: int, step, zp: int, out: np.ndarra
             bitpack.unpack_into(a[s * bits // 8 : e * bits // 8], bits, c)
         else:
             c = bitpack.unpack(a[s * bits // 8 :], bits, e - s)
-        np.take(lv, c, out=out[s:e])
+        zero_dequantize_codes(c, step, zp, out[s:e])
     return out
 
 
@@ -312,6 +325,6 @@ def roundtrip(x: np.ndarray, lo: float, hi: float, bits: int, grid: str) -> np.n
         dequantize_codes(codes, np.float32(lo), step_of(lo, hi, bits), out)
     else:
         step, zp = zero_grid(lo, hi, bits)
-        zero_codes_into(x, inv_step(step), zp, bits, codes)
+        zero_codes_into(x, inv_step(step), zp, bits, codes, clip=True)
         zero_dequantize_codes(codes, step, zp, out)
     return out

@@ -101,7 +101,7 @@ class EasyQuant(Codec):
             head, params = np.array([rlo, rhi], "<f4"), bytes([b])
         else:  # the codes clip to the grid's end levels
             step, zp = _linear.zero_grid(rlo, rhi, b)
-            packed = _linear.zero_quantize_pack(flat, step, zp, b)
+            packed = _linear.zero_quantize_pack(flat, step, zp, b, clip=True)
             head, params = np.array([step], "<f4"), bytes([b, zp])
         ib = bitpack.index_bits(flat.size)
         sections = [

@@ -96,7 +96,7 @@ class PowerQuant(Codec):
             packed = _linear.quantize_pack(y, ylo, yhi, b)
             return bytes([b]), [np.array([a, ylo, yhi], "<f4"), packed]
         step, zp = _linear.zero_grid(ylo, yhi, b)
-        packed = _linear.zero_quantize_pack(y, step, zp, b)
+        packed = _linear.zero_quantize_pack(y, step, zp, b, nonneg=bool(ylo >= 0))
         return bytes([b, zp]), [np.array([a, step], "<f4"), packed]
 
     @classmethod

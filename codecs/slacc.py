@@ -414,7 +414,7 @@ class SLACC(Codec):
             steps, zps = _linear.zero_grids(glo, ghi, bits)
             inv = _linear.inv_step(steps)
             _linear.zero_codes_into(x3.reshape(rows), np.repeat(inv[lab], s), np.repeat(zps[lab], s),
-                                    np.repeat(bits[lab], s), codes.reshape(rows))
+                                    np.repeat(bits[lab], s), codes.reshape(rows), nonneg=bool(mn.min() >= 0))
         streams = []
         for i in range(g):
             ch = np.flatnonzero(lab == i)

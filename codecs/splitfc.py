@@ -136,7 +136,8 @@ class SplitFC(Codec):
         if zero:
             steps, zps = _linear.zero_grids(lo, hi, b)
             if sub.size:
-                _linear.zero_codes_into(sub, _linear.inv_step(steps)[None, :, None], zps[None, :, None], b, codes)
+                _linear.zero_codes_into(sub, _linear.inv_step(steps)[None, :, None], zps[None, :, None], b, codes,
+                                        nonneg=bool(lo.min() >= 0))
         else:
             scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
             if sub.size:

@@ -61,7 +61,7 @@ class UQ(Codec):
             packed = _linear.quantize_pack(x, lo, hi, b)
             return bytes([b]), [np.array([lo, hi], "<f4"), packed]
         step, zp = _linear.zero_grid(lo, hi, b)
-        packed = _linear.zero_quantize_pack(x, step, zp, b)
+        packed = _linear.zero_quantize_pack(x, step, zp, b, nonneg=bool(lo >= 0))
         return bytes([b, zp]), [np.array([step], "<f4"), packed]
 
     @classmethod
