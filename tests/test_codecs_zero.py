@@ -171,3 +171,27 @@ def test_the_bias_check_catches_the_minmax_grid(name):
     """The same check on the old grid fails: it detects the fault class it is for."""
     worst = max(abs(bias(codecs.get(name, grid="minmax"), sparse_heavy_gradient(s))[0]) for s in range(3))
     assert worst > 4 * BIAS_BOUND
+
+
+def _with_crc(body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"zp": 16}, "zero point"), ({"step": -1.0}, "negative"), ({"step": float("nan")}, "NaN"),
+    ({"step": 3e38}, "overflow"),
+])
+def test_version_2_grid_values_are_checked_by_the_decoder(bad, match):
+    """A uq v2 payload with a valid CRC but an impossible grid: PayloadError naming it, no garbage."""
+    g = sparse_heavy_gradient(0, (2, 4, 3, 3))
+    body = bytearray(codecs.get("uq", bits=4).encode(g)[:-4])
+    # 32-byte header, parameter block (bits, zp) at 32..33, section table 34..41, step at 42..45
+    if "zp" in bad:
+        body[33] = bad["zp"]
+    else:
+        body[42:46] = np.array([bad["step"]], "<f4").tobytes()
+    with pytest.raises(codecs.PayloadError, match=match):
+        codecs.decode(_with_crc(bytes(body)))
