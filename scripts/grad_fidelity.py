@@ -23,6 +23,8 @@ SL-ACC settings on the activation the edge sends (its own stream per row): bits 
 rel.err, means over the steps.
 
 The training itself always uses the true gradient, so every codec sees the same sequence.  The
+streams of a step run on ``--workers`` threads (each stream on one thread at a time, so the
+figures do not depend on the scheduling).  The
 codecs' backward rules for a compressed forward pass (randtopk's support, splitfc's dropped
 channels, clio's slices, sgq's calibration) do not apply: the activation is not compressed here.
 Rows marked ``*`` are ablations: the min-max grid of the codec versions 1, and SL-ACC's
@@ -35,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,11 +89,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="torch and shuffling seed (default 0)")
     p.add_argument("--lr", type=float, default=0.02, help="SGD rate (default 0.02)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads running the codec streams of a step in parallel (default 2)")
     p.add_argument("--only", default=None, help="comma-separated labels or codec names to run (default: all rows)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     a = p.parse_args(argv)
-    if a.steps < 1 or a.batch_size < 1 or a.threads < 1:
-        p.error("--steps, --batch-size and --threads must be positive")
+    if a.steps < 1 or a.batch_size < 1 or a.threads < 1 or a.workers < 1:
+        p.error("--steps, --batch-size, --threads and --workers must be positive")
     return a
 
 
@@ -145,6 +150,7 @@ def main(argv=None) -> int:
     act_bits = {j: [] for j in sl}
     t0 = time.perf_counter()
     losses = []
+    pool = ThreadPoolExecutor(max_workers=a.workers)  # numpy releases the GIL on large arrays
     for step in range(a.steps):
         lo = (step * a.batch_size) % len(ds)
         idx = order[np.arange(lo, lo + a.batch_size) % len(ds)]
@@ -162,33 +168,45 @@ def main(argv=None) -> int:
         zmask = g == 0
         zeros_all += int(zmask.sum())
         last = step == a.steps - 1
-        decoded = []
-        for j, c in enumerate(streams):
+        an = act.detach().numpy()
+        anorm = float(np.linalg.norm(an))
+
+        def grad_task(j, g=g, gnorm=gnorm, gmean=gmean, zmask=zmask, step=step):
+            # one stream: its own codec object, so the streams may run on parallel threads
+            c = streams[j]
             t = time.perf_counter()
             blob = c.encode(g, round=step, total_rounds=a.steps)
             gh = codecs.decode(blob)
-            enc_s[j] += time.perf_counter() - t
+            dt = time.perf_counter() - t
             d = gh.astype(np.float64) - g
-            rel[step, j] = np.linalg.norm(d) / gnorm if gnorm > 0 else 0.0
-            bias[step, j] = d.mean() / gmean if gmean > 0 else 0.0
-            bits[step, j] = 8 * len(blob) / g.size
-            zeros_kept[j] += int((gh[zmask] == 0).sum())
+            figures = (np.linalg.norm(d) / gnorm if gnorm > 0 else 0.0, d.mean() / gmean if gmean > 0 else 0.0,
+                       8 * len(blob) / g.size, int((gh[zmask] == 0).sum()), dt)
+            ranking = (c.last_stats["E"], c.last_stats["bits"][c.last_stats["groups"]]) if j in act_streams else None
+            return figures, ranking, gh
+
+        def act_task(j, an=an, anorm=anorm, step=step):
+            blob = act_streams[j].encode(an, round=step, total_rounds=a.steps)
+            ah = codecs.decode(blob)
+            return float(np.linalg.norm(ah.astype(np.float64) - an)) / anorm if anorm > 0 else 0.0, 8 * len(blob) / an.size
+
+        act_futures = {j: pool.submit(act_task, j) for j in act_streams}
+        decoded = []
+        for j, (figures, ranking, gh) in enumerate(pool.map(grad_task, range(k))):
+            rel[step, j], bias[step, j], bits[step, j], kept, dt = figures
+            zeros_kept[j] += kept
+            enc_s[j] += dt
             if last:
                 decoded.append(gh)
-            if j in act_streams:
-                E = c.last_stats["E"]
-                bpc = c.last_stats["bits"][c.last_stats["groups"]]
+            if ranking is not None:
+                E, bpc = ranking
                 if j in prev:
                     rank_corr[j].append(spearman(prev[j][0], E))
                     changed[j].append(float((prev[j][1] != bpc).mean()))
                 prev[j] = (E, bpc)
-        an = act.detach().numpy()
-        anorm = float(np.linalg.norm(an))
-        for j, c in act_streams.items():
-            blob = c.encode(an, round=step, total_rounds=a.steps)
-            ah = codecs.decode(blob)
-            act_rel[j].append(float(np.linalg.norm(ah.astype(np.float64) - an)) / anorm if anorm > 0 else 0.0)
-            act_bits[j].append(8 * len(blob) / an.size)
+        for j, fut in act_futures.items():
+            r, b = fut.result()
+            act_rel[j].append(r)
+            act_bits[j].append(b)
         params = [p for p in edge.parameters()]
         if last:
             true = torch.autograd.grad(act, params, torch.from_numpy(g), retain_graph=True)
@@ -205,12 +223,13 @@ def main(argv=None) -> int:
         opt_e.step()
         opt_c.step()
     wall = time.perf_counter() - t0
+    pool.shutdown()
 
     zero_share = zeros_all / (a.steps * g.size)
     print(f"ResNet-18 cut 3, {ds.name} ({len(ds)} training images), batch {a.batch_size}, {a.steps} steps of fp32 "
           f"SGD (lr {a.lr}), seed {a.seed}, torch threads {a.threads}")
     print(f"returned gradient {tuple(g.shape)}: {100 * zero_share:.1f}% exact zeros; loss {losses[0]:.3f} -> "
-          f"{np.mean(losses[-10:]):.3f} (mean of the last 10); {wall:.0f} s in all, of which codecs {enc_s.sum():.0f} s")
+          f"{np.mean(losses[-10:]):.3f} (mean of the last 10); {wall:.0f} s in all, of which codec encode+decode {enc_s.sum():.0f} s summed over the {a.workers} worker threads")
     head = (f"{'codec':28s} {'bits/val':>8s} {'rel.err':>7s} {'(range)':>13s} {'bias':>7s} {'(range)':>15s} "
             f"{'zeros':>6s} {'cos@' + str(a.steps):>7s}")
     print(head)
