@@ -87,6 +87,17 @@ def bits_param(default: int = 4, low: int = 1, high: int = 8) -> Param:
     return Param(default, int, low, high, doc="bits per code")
 
 
+GRIDS = ("zero", "minmax")
+
+
+def grid_param() -> Param:
+    return Param(
+        "zero", str, choices=GRIDS,
+        doc="quantization grid: 'zero' keeps 0 exact (integer zero point, codec version 2), "
+        "'minmax' the min-max grid of codec version 1 (the ablation)",
+    )
+
+
 def seed_param() -> Param:
     return Param(0, int, 0, 2**63 - 1, doc="seed of the codec's own numpy Generator")
 
@@ -97,6 +108,7 @@ class Codec:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1  # payload version this implementation writes
     read_versions: ClassVar[tuple[int, ...]] = (1,)  # payload versions it reads
+    minmax_version: ClassVar[int | None] = None  # the version written with grid="minmax" (grid codecs)
     PARAMS: ClassVar[Mapping[str, Param]] = {}
 
     def __init__(self, **params: Any) -> None:
@@ -109,6 +121,8 @@ class Codec:
         for k, spec in self.PARAMS.items():
             p[k] = spec.check(self.name, k, params.get(k, spec.default))
         self._p = p
+        if p.get("grid") == "minmax" and self.minmax_version is not None:
+            self.version = self.minmax_version  # the old grid writes the old payload version
         self._validate()
 
     # ------------------------------------------------------------------ settings

@@ -23,6 +23,20 @@ CGC:
     x_hat = x_min,g + q (x_max,g - x_min,g) / (2^b_g - 1)
     with round() = round half away from zero everywhere (Eq. 6 and Eq. 7).
 
+Eq. 7 as implemented by default (``grid="zero"``, codec version 2) -- an interpretation:
+
+    lo_g = min(x_min,g, 0), hi_g = max(x_max,g, 0)       the group's range widened to include 0
+    (step_g, zp_g) = the smallest step whose levels (k - zp_g) step_g, zp_g an integer,
+                     k = 0..2^b_g-1, cover [lo_g, hi_g]   (codecs/_linear.py, zero_grid)
+    q = round_half_away(x / step_g) + zp_g,   x_hat = (q - zp_g) step_g   0 decodes to exactly 0
+
+The paper rounds "half away from zero to reduce quantization bias", which means something only
+on a grid centred on zero.  On the literal grid (``grid="minmax"``, codec version 1, kept for
+the ablation) no level is at 0, and the gradient returned to the edge -- ~80% exact zeros from
+the maxpool at ResNet-18 cut 3, its range set by heavy tails -- decodes every zero to a level
+up to half a step away: about range/6 at 2 bits, roughly 10x mean|g| (issue 14).  A ReLU
+activation (x_min = 0) gets zp = 0 and the same grid either way.
+
 Interpretations (where the paper is silent or ambiguous):
 
 * Entropies are computed with the identity above (softmax of values in [0,1] is nearly
@@ -45,23 +59,37 @@ Interpretations (where the paper is silent or ambiguous):
 * ``bits`` (what every quantizing codec takes) is a shorthand for the ceiling: it sets
   ``max_bits = bits`` and lowers ``min_bits`` to ``bits`` if needed.  Default 2..8 as in
   the paper's experiments.  ``groups`` defaults to 4 (not stated in the paper).
-* The quantization range of a group is the min and max over all its channels; the
-  bounds are exact (no clipping), so |x - x_hat| <= (x_max,g - x_min,g) / (2 (2^b_g - 1)).
+* The quantization range of a group is the min and max over all its channels (widened to 0
+  on the zero grid); no clipping, so |x - x_hat| <= step_g / 2 (zero grid; except 1 bit
+  across 0, see _linear.py) or (x_max,g - x_min,g) / (2 (2^b_g - 1)) (min-max grid).
 * The same codec compresses the gradients on the way back (its own object and state).
+* ``bit_map`` (default ``"minmax"``: Eq. 6 as written).  Eq. 6 normalizes by the observed
+  spread, so one group is always at b_min and one at b_max, even when the entropies differ by
+  0.04 nats.  ``"span"`` normalizes by the largest possible spread instead (ENTROPY_SPAN =
+  0.1233 nats, the log M - H of the most concentrated softmax of values in [0, 1]):
+  b_g = b_max - round((max Ebar - Ebar_g) / ENTROPY_SPAN (b_max - b_min)), clipped to [b_min, b_max].
+* ``ranking`` (default ``"entropy"``: ACII + CGC).  ``"none"``: one group, every channel at
+  max_bits -- the ablation of the channel ranking (on gradients the entropy ranking is close
+  to noise: issue 14).  scripts/grad_fidelity.py measures both settings on real gradients.
 
-Payload (codec version 1), after the common header:
+Payload (codec version 2, ``grid="zero"``), after the common header:
 
     params   u8 G (groups present), u8 b_min, u8 b_max                  (P = 3)
     sec 0    u8[C]         group of every channel
     sec 1    u8[G]         bit width b_g
-    sec 2    f32[G, 2]     (x_min,g, x_max,g)
-    sec 3    packed codes: group by group (increasing g), each the values x[:, channels
+    sec 2    u8[G]         zero point zp_g
+    sec 3    f32[G]        step_g
+    sec 4    packed codes: group by group (increasing g), each the values x[:, channels
              of g (increasing index), :] in C order, b_g bits each, ceil(N*C_g*S*b_g/8) bytes
 
-    bytes = 36 + 3 + 4*4 + C + 9 G + sum_g ceil(N * C_g * S * b_g / 8)
+    bytes = 36 + 3 + 4*5 + C + 6 G + sum_g ceil(N * C_g * S * b_g / 8)
+
+Codec version 1 (``grid="minmax"``): sec 2 is f32[G, 2] (x_min,g, x_max,g), no sec 3;
+bytes = 36 + 3 + 4*4 + C + 9 G + sum_g ceil(...).
 
 meta from decode_with_meta: ``groups`` (C,) int64, ``bits`` (G,) int64, ``group_min`` and
-``group_max`` (G,) float32, ``bits_per_channel`` (C,) int64.  backward: identity (STE).
+``group_max`` (G,) float32 (the grid's end levels), ``bits_per_channel`` (C,) int64, and in
+version 2 ``step`` (G,) float32 and ``zero_point`` (G,) int64.  backward: identity (STE).
 """
 
 from __future__ import annotations
@@ -72,7 +100,7 @@ import numpy as np
 
 from . import _linear, bitpack
 from . import format as fmt
-from .base import Codec, Param, as3, check_finite, expect_sections, f32, prod, read_struct
+from .base import Codec, Param, as3, check_finite, expect_sections, f32, grid_param, prod, read_struct
 
 _CHUNK = 1 << 18  # floats per entropy block
 
@@ -230,14 +258,38 @@ def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
     return lab
 
 
-def allocate_bits(E: np.ndarray, groups: int, b_min: int, b_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Eq. 4-6: (group of each channel, group mean entropies Ebar_g, bit width b_g)."""
+#: The largest possible gap between two channels' Eq. 1 entropies (M -> infinity): log M - H of a
+#: channel whose normalized values are 0 or 1 in the proportion that maximizes it (0.1233 nats at a
+#: share of 0.34 at 1).  Every H_i lies in [log M - ENTROPY_SPAN, log M].
+def _entropy_span() -> float:
+    p = np.linspace(0.0, 1.0, 100001)
+    s = 1 - p + p * np.e  # mean of e^z for a share p of z = 1, the rest z = 0
+    return float((p * np.e / s - np.log(s)).max())
+
+
+ENTROPY_SPAN = _entropy_span()
+
+BIT_MAPS = ("minmax", "span")
+
+
+def allocate_bits(
+    E: np.ndarray, groups: int, b_min: int, b_max: int, bit_map: str = "minmax"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eq. 4-6: (group of each channel, group mean entropies Ebar_g, bit width b_g).
+
+    ``bit_map="minmax"`` is Eq. 6 as written; ``"span"`` measures each group's distance from
+    the top group in units of :data:`ENTROPY_SPAN` instead of the observed spread (see the
+    module docstring).
+    """
     lab = kmeans_1d(E, groups)
     g = int(lab.max()) + 1
     cnt = np.bincount(lab, minlength=g)
     ebar = np.bincount(lab, weights=np.asarray(E, np.float64), minlength=g) / cnt
     lo, hi = ebar.min(), ebar.max()
-    if hi > lo:
+    if bit_map == "span":
+        bits = b_max - round_half_away((hi - ebar) / ENTROPY_SPAN * (b_max - b_min))
+        bits = np.clip(bits, b_min, b_max)
+    elif hi > lo:
         bits = b_min + round_half_away((ebar - lo) / (hi - lo) * (b_max - b_min))
     else:
         bits = np.full(g, b_max, np.float64)
@@ -255,7 +307,15 @@ class SLACC(Codec):
         "alpha": Param(1.0, float, 0.0, 1.0, doc="a_t when schedule='constant'"),
         "total_rounds": Param(None, int, 1, None, optional=True, doc="T of Eq. 3 when encode() is not given it"),
         "window": Param(0, int, 0, None, doc="rounds averaged into Hbar (0 = all past rounds)"),
+        "grid": grid_param(),
+        "bit_map": Param("minmax", str, choices=BIT_MAPS, doc="Eq. 6 as written ('minmax') or against the "
+                         "largest possible entropy spread ('span')"),
+        "ranking": Param("entropy", str, choices=("entropy", "none"), doc="'entropy': ACII + CGC; 'none': one "
+                         "group at max_bits (the ablation of the channel ranking)"),
     }
+    version = 2
+    read_versions = (1, 2)
+    minmax_version = 1
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -334,27 +394,37 @@ class SLACC(Codec):
             self._remember(self.last_stats["H"])
             self._count += 1
         bmin, bmax = self._p["min_bits"], self._p["max_bits"]
-        lab, ebar, bits = allocate_bits(E, self._p["groups"], bmin, bmax)
+        if self._p["ranking"] == "none":
+            lab, ebar, bits = np.zeros(c, np.int64), np.array([float(E.mean())]), np.array([bmax], np.int64)
+        else:
+            lab, ebar, bits = allocate_bits(E, self._p["groups"], bmin, bmax, self._p["bit_map"])
         g = bits.size
         self.last_stats.update(groups=lab, ebar=ebar, bits=bits)
         glo = np.full(g, np.inf, np.float32)
         ghi = np.full(g, -np.inf, np.float32)
         np.minimum.at(glo, lab, mn)
         np.maximum.at(ghi, lab, mx)
-        scale = np.array([_linear.scale_of(glo[i], ghi[i], int(bits[i])) for i in range(g)], np.float32)
         codes = np.empty(x3.shape, np.uint8)
-        # per-channel factors expanded to rows of C*S: long contiguous inner loops
-        _linear.codes_into(
-            x3.reshape(n, c * s), np.repeat(glo[lab], s), np.repeat(scale[lab], s), codes.reshape(n, c * s)
-        )
+        rows = (n, c * s)
+        if self._p["grid"] == "minmax":
+            scale = np.array([_linear.scale_of(glo[i], ghi[i], int(bits[i])) for i in range(g)], np.float32)
+            # per-channel factors expanded to rows of C*S: long contiguous inner loops
+            _linear.codes_into(x3.reshape(rows), np.repeat(glo[lab], s), np.repeat(scale[lab], s), codes.reshape(rows))
+        else:
+            steps, zps = _linear.zero_grids(glo, ghi, bits)
+            inv = _linear.inv_step(steps)
+            _linear.zero_codes_into(x3.reshape(rows), np.repeat(inv[lab], s), np.repeat(zps[lab], s),
+                                    np.repeat(bits[lab], s), codes.reshape(rows), nonneg=bool(mn.min() >= 0))
         streams = []
         for i in range(g):
             ch = np.flatnonzero(lab == i)
             sub = codes[:, ch, :] if ch.size < c else codes
             streams.append(bitpack.pack(sub, int(bits[i]), check=False))
-        table = np.stack([glo, ghi], axis=1).astype("<f4")
         params = bytes([g, bmin, bmax])
-        return params, [lab.astype(np.uint8), bits.astype(np.uint8), table, np.concatenate(streams)]
+        head = [lab.astype(np.uint8), bits.astype(np.uint8)]
+        if self._p["grid"] == "minmax":
+            return params, [*head, np.stack([glo, ghi], axis=1).astype("<f4"), np.concatenate(streams)]
+        return params, [*head, zps.astype(np.uint8), steps.astype("<f4"), np.concatenate(streams)]
 
     # ------------------------------------------------------------------ decode
 
@@ -366,7 +436,8 @@ class SLACC(Codec):
         s = prod(shape[2:])
         if g < 1 or g > c:
             raise fmt.PayloadError(f"slacc payload: {g} groups for {c} channels")
-        expect_sections(h, [c, g, 8 * g, None])
+        v2 = h.codec_version == 2
+        expect_sections(h, [c, g, g, 4 * g, None] if v2 else [c, g, 8 * g, None])
         lab = np.frombuffer(h.sections[0], np.uint8).astype(np.int64)
         if lab.max() >= g:
             raise fmt.PayloadError(f"slacc payload: channel group {int(lab.max())} >= {g} groups")
@@ -376,15 +447,23 @@ class SLACC(Codec):
         bits = np.frombuffer(h.sections[1], np.uint8).astype(np.int64)
         if bits.min() < 1 or bits.max() > 8:
             raise fmt.PayloadError(f"slacc payload: bit widths {bits.tolist()} outside 1..8")
-        table = f32(h.sections[2], 2 * g, "slacc group ranges").reshape(g, 2)
-        if (table[:, 1] < table[:, 0]).any():
-            raise fmt.PayloadError("slacc payload: a group range has max < min")
+        if v2:
+            zps = np.frombuffer(h.sections[2], np.uint8).astype(np.int64)
+            steps = f32(h.sections[3], g, "slacc group steps")
+            _linear.check_zero_grid(steps, zps, bits, "slacc")
+            L = (1 << bits) - 1
+            table = np.stack([-zps * steps.astype(np.float64), (L - zps) * steps.astype(np.float64)], axis=1)
+        else:
+            table = f32(h.sections[2], 2 * g, "slacc group ranges").reshape(g, 2)
+            if (table[:, 1] < table[:, 0]).any():
+                raise fmt.PayloadError("slacc payload: a group range has max < min")
+        codes_sec = h.sections[-1]
         sizes = [bitpack.packed_size(n * int(cnt[i]) * s, int(bits[i])) for i in range(g)]
-        if h.sections[3].nbytes != sum(sizes):
+        if codes_sec.nbytes != sum(sizes):
             raise fmt.PayloadError(
-                f"slacc payload: code section has {h.sections[3].nbytes} bytes, expected {sum(sizes)}"
+                f"slacc payload: code section has {codes_sec.nbytes} bytes, expected {sum(sizes)}"
             )
-        data = np.frombuffer(h.sections[3], np.uint8)
+        data = np.frombuffer(codes_sec, np.uint8)
         out = np.empty((n, c, s), np.float32)
         off = 0
         for i in range(g):
@@ -393,7 +472,10 @@ class SLACC(Codec):
             q = bitpack.unpack(data[off : off + sizes[i]], b, n * ch.size * s).reshape(n, ch.size, s)
             off += sizes[i]
             vals = np.empty(q.shape, np.float32)
-            _linear.dequantize_codes(q, table[i, 0], _linear.step_of(table[i, 0], table[i, 1], b), vals)
+            if v2:
+                _linear.zero_dequantize_codes(q, steps[i], zps[i], vals)
+            else:
+                _linear.dequantize_codes(q, table[i, 0], _linear.step_of(table[i, 0], table[i, 1], b), vals)
             if ch.size == c:
                 out = vals
             else:
@@ -401,10 +483,12 @@ class SLACC(Codec):
         meta = {
             "groups": lab,
             "bits": bits,
-            "group_min": table[:, 0].copy(),
-            "group_max": table[:, 1].copy(),
+            "group_min": table[:, 0].astype(np.float32),
+            "group_max": table[:, 1].astype(np.float32),
             "bits_per_channel": bits[lab],
         }
+        if v2:
+            meta.update(step=steps.copy(), zero_point=zps)
         return out.reshape(shape), meta
 
     def error_bound(self, x, meta=None):
@@ -416,5 +500,6 @@ class SLACC(Codec):
         bound = 0.0
         for i in range(bits.size):
             ch = lab == i
-            bound = max(bound, _linear.error_bound(mn[ch].min(), mx[ch].max(), int(bits[i])))
+            eb = _linear.error_bound if self._p["grid"] == "minmax" else _linear.zero_error_bound
+            bound = max(bound, eb(mn[ch].min(), mx[ch].max(), int(bits[i])))
         return bound

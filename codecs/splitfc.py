@@ -9,8 +9,11 @@ The paper's full formulas were not available; this is the project's interpretati
                others, then they share the remainder equally; all sigma = 0 -> p_c = R)
     keep_c   ~ Bernoulli(p_c) (the codec's seeded generator): high-variance channels are
                kept, low-variance ones -- which carry little information -- dropped
-    kept c:  q = round((x - x_min,c) / (x_max,c - x_min,c) (2^n - 1)), per-channel min/max,
-             n bits (half away from zero), x_hat = x_min,c + q step_c
+    kept c:  n bits on a per-channel grid over the channel's [x_min,c, x_max,c]: by default
+             (``grid="zero"``, codec version 2) the zero-preserving grid of _linear.py,
+             q = round_half_away(x / step_c) + zp_c, x_hat = (q - zp_c) step_c (0 exact);
+             with ``grid="minmax"`` (codec version 1, the ablation)
+             q = round((x - x_min,c) / (x_max,c - x_min,c) (2^n - 1)), x_hat = x_min,c + q step_c
     dropped: x_hat = 0 (``fill="zero"``), or the channel mean (``fill="mean"``, one float32
              each; an option because a low-variance channel is close to its mean)
 
@@ -27,17 +30,24 @@ channels are zeroed with probability 1 - p_c, was evaluated on full-strength inp
 (a measured drop from 79 % train to 41-61 % test accuracy on Fashion-MNIST).
 ``error_bound`` describes training payloads (it compares with the unscaled input).
 
+The zero grid is the project's interpretation (the paper's quantizer formulas were not
+available): a dropped channel is 0 already, and a kept one keeps its exact zeros too.
+
 backward: the gradient is dropped on the same channels: dL/dQ(X) times the kept mask.
 
-Payload (codec version 1):
+Payload (codec version 2):
 
     params   u8 n, u8 fill (0 zero, 1 mean)                                (P = 2)
     sec 0    packed     keep mask, 1 bit per channel, ceil(C / 8) bytes
-    sec 1    f32[K, 2]  (x_min,c, x_max,c) of the K kept channels, in channel order
-    sec 2    f32[C - K] fill values of the dropped channels (empty for fill = zero)
-    sec 3    packed     codes of x[:, kept, :] in C order, ceil(N K H W n / 8) bytes
+    sec 1    u8[K]      zero points zp_c of the K kept channels, in channel order
+    sec 2    f32[K]     steps step_c
+    sec 3    f32[C - K] fill values of the dropped channels (empty for fill = zero)
+    sec 4    packed     codes of x[:, kept, :] in C order, ceil(N K H W n / 8) bytes
 
-    bytes = 36 + 2 + 16 + ceil(C/8) + 8 K + 4 (C - K) [mean] + ceil(n N K H W / 8)
+    bytes = 36 + 2 + 20 + ceil(C/8) + 5 K + 4 (C - K) [mean] + ceil(n N K H W / 8)
+
+Codec version 1 (``grid="minmax"``): sec 1 is f32[K, 2] (x_min,c, x_max,c), no zero points;
+bytes = 36 + 2 + 16 + ceil(C/8) + 8 K + 4 (C - K) [mean] + ceil(n N K H W / 8).
 
 meta from decode_with_meta: ``kept`` (C,) bool, ``bits``, ``fill``.
 """
@@ -48,7 +58,7 @@ import numpy as np
 
 from . import _linear, bitpack
 from . import format as fmt
-from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
+from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, grid_param, prod, read_struct, seed_param
 
 FILLS = ("zero", "mean")
 
@@ -89,7 +99,11 @@ class SplitFC(Codec):
         "keep": Param(0.5, float, 1e-6, 1.0, doc="R: expected fraction of channels kept"),
         "fill": Param("zero", str, choices=FILLS, doc="what replaces a dropped channel"),
         "seed": seed_param(),
+        "grid": grid_param(),
     }
+    version = 2
+    read_versions = (1, 2)
+    minmax_version = 1
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -117,17 +131,24 @@ class SplitFC(Codec):
         kidx = np.flatnonzero(kept)
         sub = x3[:, kidx, :] if kidx.size < c else x3
         lo, hi = mn[kidx], mx[kidx]
-        scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
         codes = np.empty(sub.shape, np.uint8)
-        if sub.size:
-            _linear.codes_into(sub, lo[None, :, None], scale[None, :, None], codes)
+        zero = self._p["grid"] == "zero"
+        if zero:
+            steps, zps = _linear.zero_grids(lo, hi, b)
+            if sub.size:
+                _linear.zero_codes_into(sub, _linear.inv_step(steps)[None, :, None], zps[None, :, None], b, codes,
+                                        nonneg=bool(lo.min() >= 0))
+        else:
+            scale = np.array([_linear.scale_of(lo[i], hi[i], b) for i in range(kidx.size)], np.float32)
+            if sub.size:
+                _linear.codes_into(sub, lo[None, :, None], scale[None, :, None], codes)
         fill = 1 if self._p["fill"] == "mean" else 0
         fills = (
             x3[:, ~kept, :].mean(axis=(0, 2), dtype=np.float64).astype("<f4") if fill else np.empty(0, "<f4")
         )
         sections = [
             bitpack.pack(kept.astype(np.uint8), 1, check=False),
-            np.stack([lo, hi], axis=1).astype("<f4"),
+            *([zps.astype(np.uint8), steps.astype("<f4")] if zero else [np.stack([lo, hi], axis=1).astype("<f4")]),
             fills,
             bitpack.pack(codes, b, check=False),
         ]
@@ -142,29 +163,40 @@ class SplitFC(Codec):
             raise fmt.PayloadError(f"splitfc payload: unknown fill mode {fill}")
         n, c = h.shape[0], h.shape[1]
         s = prod(h.shape[2:])
-        expect_sections(h, [bitpack.packed_size(c, 1), None, None, None])
+        v2 = h.codec_version == 2
+        ns = 5 if v2 else 4
+        expect_sections(h, [bitpack.packed_size(c, 1)] + [None] * (ns - 1))
         kept = bitpack.unpack(h.sections[0], 1, c).astype(bool)
         k = int(kept.sum())
+        grid = [k, 4 * k] if v2 else [8 * k]
         expect_sections(
             h,
             [
                 bitpack.packed_size(c, 1),
-                8 * k,
+                *grid,
                 4 * (c - k) if fill else 0,
                 bitpack.packed_size(n * k * s, b),
             ],
         )
-        table = f32(h.sections[1], 2 * k, "splitfc ranges").reshape(k, 2)
-        if (table[:, 1] < table[:, 0]).any():
-            raise fmt.PayloadError("splitfc payload: a channel range has max < min")
+        if v2:
+            zps = np.frombuffer(h.sections[1], np.uint8).astype(np.int64)
+            steps = f32(h.sections[2], k, "splitfc steps")
+            _linear.check_zero_grid(steps, zps, b, "splitfc")
+        else:
+            table = f32(h.sections[1], 2 * k, "splitfc ranges").reshape(k, 2)
+            if (table[:, 1] < table[:, 0]).any():
+                raise fmt.PayloadError("splitfc payload: a channel range has max < min")
         out = np.zeros((n, c, s), np.float32)
         if fill:
-            out[:, ~kept, :] = f32(h.sections[2], c - k, "splitfc fill values")[None, :, None]
+            out[:, ~kept, :] = f32(h.sections[-2], c - k, "splitfc fill values")[None, :, None]
         if k:
-            q = bitpack.unpack(h.sections[3], b, n * k * s).reshape(n, k, s)
+            q = bitpack.unpack(h.sections[-1], b, n * k * s).reshape(n, k, s)
             vals = np.empty(q.shape, np.float32)
-            steps = np.array([_linear.step_of(table[i, 0], table[i, 1], b) for i in range(k)], np.float32)
-            _linear.dequantize_codes(q, table[None, :, 0, None], steps[None, :, None], vals)
+            if v2:
+                _linear.zero_dequantize_codes(q, steps[None, :, None], zps[None, :, None], vals)
+            else:
+                steps = np.array([_linear.step_of(table[i, 0], table[i, 1], b) for i in range(k)], np.float32)
+                _linear.dequantize_codes(q, table[None, :, 0, None], steps[None, :, None], vals)
             out[:, kept, :] = vals
         return out.reshape(h.shape), {"kept": kept, "bits": b, "fill": FILLS[fill]}
 
@@ -179,8 +211,9 @@ class SplitFC(Codec):
         x3 = as3(np.ascontiguousarray(x, np.float32))
         kept = meta["kept"]
         bound = 0.0
+        eb = _linear.error_bound if self._p["grid"] == "minmax" else _linear.zero_error_bound
         for c in np.flatnonzero(kept):
-            bound = max(bound, _linear.error_bound(x3[:, c].min(), x3[:, c].max(), meta["bits"]))
+            bound = max(bound, eb(x3[:, c].min(), x3[:, c].max(), meta["bits"]))
         drop = x3[:, ~kept, :]
         if drop.size:
             if meta["fill"] == "mean":

@@ -321,8 +321,11 @@ def test_header_layout_is_as_documented():
     x = relu_act((3, 5, 4, 4))
     blob = codecs.get("uq", bits=3).encode(x)
     magic, fver, cid, cver, dcode, rank, nsec, plen, *dims, total = struct.unpack_from("<4sBBBBBBH4II", blob)
-    assert (magic, fver, cid, cver, dcode, rank) == (b"SPEC", 1, 3, 1, 1, 4)
-    assert dims == [3, 5, 4, 4] and total == len(blob) and nsec == 2 and plen == 1
-    assert blob[32] == 3  # uq's parameter block: the bit width
+    assert (magic, fver, cid, cver, dcode, rank) == (b"SPEC", 1, 3, 2, 1, 4)
+    assert dims == [3, 5, 4, 4] and total == len(blob) and nsec == 2 and plen == 2
+    assert blob[32] == 3 and blob[33] == 0  # uq v2's parameter block: the bit width, the zero point (ReLU: 0)
+    assert fmt.overhead(2, 2) == 46
+    old = codecs.get("uq", bits=3, grid="minmax").encode(x)  # the min-max grid writes version 1
+    assert struct.unpack_from("<4sBBBBBBH", old)[3] == 1 and struct.unpack_from("<H", old, 10)[0] == 1
     assert struct.unpack_from("<I", blob, len(blob) - 4)[0] == zlib.crc32(blob[:-4])
     assert fmt.overhead(1, 2) == 45 and fmt.HEADER_BYTES == 32 and fmt.CRC_BYTES == 4

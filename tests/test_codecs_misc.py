@@ -121,7 +121,7 @@ def test_bench_codecs_writes_json(tmp_path):
         assert abs(r["encode_vs_copy"] - r["copy_ms"] / r["encode_ms"]) < 1e-9
         assert r["bytes_in"] == 4 * math.prod(r["shape"])
         assert r["compression_ratio"] == r["bytes_in"] / r["bytes_out"]
-    assert rows[0]["params"] == {"bits": 4}
+    assert rows[0]["params"] == {"bits": 4, "grid": "zero"}
 
 
 def test_bench_codecs_rejects_bad_options():

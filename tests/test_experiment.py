@@ -87,7 +87,7 @@ def _recompute(run: Path) -> dict:
     payload = sum(e["payload_in"] + e["payload_out"] for e in steps)
     elements = [math.prod(e["shape"]) for e in steps]
     fp32 = sum(2 * (40 + 4 * m) for m in elements)  # docs/codecs.md: fp32 = 40 + 4M bytes
-    uq4 = sum(2 * (45 + 8 + math.ceil(4 * m / 8)) for m in elements)  # uq: 45 + 8 + ceil(nM/8)
+    uq4 = sum(2 * (46 + 4 + math.ceil(4 * m / 8)) for m in elements)  # uq v2: 46 + 4 + ceil(nM/8)
     points = {}
     for c, s in enumerate(edges):
         spent = 0.0

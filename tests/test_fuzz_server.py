@@ -344,7 +344,7 @@ def test_wrong_shapes_labels_and_non_finite_values_are_refused(cloud, ex):
     """The manifest's shape, the labels' size and range, finite values: each has its own error
     code (without the checks torch would raise -> internal, or train on NaN)."""
     ex.hello(1, 3)
-    uq = sc.get("uq", bits=4)
+    uq = sc.get("uq", bits=4, grid="minmax")  # payload version 1: the range is patched at bytes 41:49 below
     wrong = uq.encode(np.ones((2, 64, 7, 7), np.float32))
     assert ex.send(1, P.pack(P.MsgType.TRAIN, train_header(1, 2), [wrong, labels(2)]))[0].header["code"] \
         == "shape_mismatch"
