@@ -130,6 +130,21 @@ def test_every_run_trained_the_planned_steps(grid):
         assert r["edges"][0]["codec"]["name"] == label.split(":")[0]
 
 
+
+@pytest.mark.slow
+def test_every_run_wrote_tensorboard_scalars_of_its_steps(grid):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = grid
+    for label, d in _runs(out).items():
+        ea = EventAccumulator(str(d / "tensorboard"), size_guidance={"scalars": 0})
+        ea.Reload()
+        losses = [e.value for e in ea.Scalars("loss/all")]
+        steps = [e for e in _jsonl(d / "cloud-metrics.jsonl") if e["event"] == "step"]
+        assert len(losses) == len(steps) == CLIENTS * STEPS, label
+        assert losses == pytest.approx([e["loss"] for e in steps], rel=1e-6), label
+
+
 @pytest.mark.slow
 def test_evals_jsonl_matches_the_clients_and_the_cloud(grid):
     _, out, _ = grid
