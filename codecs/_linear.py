@@ -100,13 +100,9 @@ def quantize_pack(x: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
     return out
 
 
-def dequantize(packed, bits: int, count: int, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of :func:`quantize_pack`: a flat float32 array of ``count`` values."""
+def _code_blocks(packed, bits: int, count: int):
+    """The ``count`` ``bits``-bit codes of ``packed``, unpacked in blocks of BLOCK: yields (start, codes)."""
     a = np.frombuffer(packed, np.uint8) if not isinstance(packed, np.ndarray) else packed
-    if out is None:
-        out = np.empty(count, np.float32)
-    step = step_of(lo, hi, bits)
-    lo32 = np.float32(lo)
     n8 = count - count % 8
     cb = np.empty(min(count, BLOCK), np.uint8)
     for s in range(0, count, BLOCK):
@@ -116,7 +112,17 @@ def dequantize(packed, bits: int, count: int, lo: float, hi: float, out: np.ndar
             bitpack.unpack_into(a[s * bits // 8 : e * bits // 8], bits, c)
         else:
             c = bitpack.unpack(a[s * bits // 8 :], bits, e - s)
-        o = out[s:e]
+        yield s, c
+
+
+def dequantize(packed, bits: int, count: int, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`quantize_pack`: a flat float32 array of ``count`` values."""
+    if out is None:
+        out = np.empty(count, np.float32)
+    step = step_of(lo, hi, bits)
+    lo32 = np.float32(lo)
+    for s, c in _code_blocks(packed, bits, count):
+        o = out[s : s + len(c)]
         np.multiply(c, step, out=o)
         np.add(o, lo32, out=o)
     return out
@@ -281,19 +287,10 @@ def zero_levels(step, zp: int, bits: int) -> np.ndarray:
 
 def zero_dequantize(packed, bits: int, count: int, step, zp: int, out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`zero_quantize_pack`: a flat float32 array of ``count`` values."""
-    a = np.frombuffer(packed, np.uint8) if not isinstance(packed, np.ndarray) else packed
     if out is None:
         out = np.empty(count, np.float32)
-    n8 = count - count % 8
-    cb = np.empty(min(count, BLOCK), np.uint8)
-    for s in range(0, count, BLOCK):
-        e = min(count, s + BLOCK)
-        if e <= n8:
-            c = cb[: e - s]
-            bitpack.unpack_into(a[s * bits // 8 : e * bits // 8], bits, c)
-        else:
-            c = bitpack.unpack(a[s * bits // 8 :], bits, e - s)
-        zero_dequantize_codes(c, step, zp, out[s:e])
+    for s, c in _code_blocks(packed, bits, count):
+        zero_dequantize_codes(c, step, zp, out[s : s + len(c)])
     return out
 
 
