@@ -12,7 +12,7 @@ like the rest: |x| <= 2^-25 becomes (signed) zero, 2^-25 < |x| < 2^-24 becomes +
 rounding is IEEE round-to-nearest-even, done with integer operations on the float32
 bits. The results are bit-identical to clipping and numpy's float16 cast, which is slower here: it
 is slow on zeros and subnormal halves, and ReLU activations are half zeros, gradients small
-(``scripts/bench_fp16_cast.py`` times both and checks them equal; figures in docs/codecs.md).  Error bound for |x| <= 65504:
+(``splitedge bench fp16-cast`` times both and checks them equal; figures in docs/codecs.md).  Error bound for |x| <= 65504:
 |x - x_hat| <= 2^-11 |x| + 2^-25.
 """
 

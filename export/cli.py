@@ -7,27 +7,8 @@ import time
 
 import click
 
-from ..errors import FiniteFloat, UserError
-
+from ..errors import FiniteFloat, InputShape, UserError
 from . import zoo_names
-
-
-
-
-class InputShape(click.ParamType):
-    name = "C,H,W"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        parts = str(value).replace("x", ",").split(",")
-        try:
-            shape = tuple(int(p) for p in parts)
-        except ValueError:
-            self.fail(f"{value!r} is not three integers C,H,W (e.g. 1,28,28)", param, ctx)
-        if len(shape) != 3 or min(shape) < 1:
-            self.fail(f"{value!r} must be three positive integers C,H,W (e.g. 1,28,28)", param, ctx)
-        return shape
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

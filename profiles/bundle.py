@@ -8,7 +8,7 @@ Layout (unpacked into ``<remote-dir>/releases/<bundle-id>/`` by flash-board)::
     requirements.txt     pinned Python requirements for the board; how to get the ORT build
     artifacts/           manifest.json and client/ of an export-client artifact directory
     splitedge_edge/splitedge/...   the torch-free edge runtime, importable as ``splitedge``:
-                         protocol, transport, fsutil, shaping, codecs/, export/manifest,
+                         wire/ (protocol, transport, security, shaping), fsutil, codecs/, export/manifest,
                          runtime_edge/ (ort_backend, data, client, cli), profiles/ (schema,
                          select, cli, selftest, *.toml)
 
@@ -55,11 +55,10 @@ EDGE_ENTRY_POINTS = (
     "splitedge.profiles.selftest",
     "splitedge.profiles.cli",
 )
-EDGE_PACKAGES = {"splitedge.codecs": ("bench.py",)}  # whole packages: every .py but these
+EDGE_PACKAGES = {"splitedge.codecs": ()}  # whole packages: every .py but these
 NOT_ON_BOARD = (
     "splitedge.export.onnx_export", "splitedge.export.split", "splitedge.export.zoo", "splitedge.export.cli",
-    "splitedge.runtime_cloud", "splitedge.runtime_edge.bench", "splitedge.codecs.bench", "splitedge.bench",
-    "splitedge.demo", "splitedge.launch", "splitedge.experiment", "splitedge.cli", "splitedge.profiles.flash",
+    "splitedge.runtime_cloud", "splitedge.lab", "splitedge.cli", "splitedge.profiles.flash",
     "splitedge.profiles.flash_cli", "splitedge.profiles.bundle",
 )
 EXPORT_INIT = b'"""The edge bundle carries only the torch-free manifest reader of splitedge.export."""\n'

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 from .. import codecs as sc
 from ..errors import MAX_THREADS, FiniteFloat, UserError
 from ..fsutil import check_writable_dir, check_writable_file
-from ..transport import bind_endpoint_option
+from ..wire.transport import bind_endpoint_option
 
 MAX_MESSAGE_MB = 1 << 20  # 1 TiB: far above any activation, within ZeroMQ's 64-bit message size
 

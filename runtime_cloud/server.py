@@ -4,7 +4,7 @@ Messages are handled one at a time in arrival order (the server model is shared,
 so its steps are sequential anyway). Anything wrong with one message -- a garbage
 frame, a payload that does not decode, a wrong shape, NaN, a step out of order --
 is answered with an ERROR message to that client, logged and counted in the
-metrics; the server keeps serving everyone else. See :mod:`splitedge.protocol`
+metrics; the server keeps serving everyone else. See :mod:`splitedge.wire.protocol`
 for the messages.
 """
 
@@ -26,11 +26,11 @@ import numpy as np
 import zmq
 
 from .. import codecs as sc
-from .. import protocol as P
-from .. import security
+from ..wire import protocol as P
+from ..wire import security
 from ..export import manifest as mf
 from ..fsutil import MAX_INT, CheckpointDir, atomic_write_json, is_int
-from ..transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
+from ..wire.transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
 from .trainer import CorruptFile, ServerModel, StepRefused, read_json_object
 
 log = logging.getLogger("cloud-serve")

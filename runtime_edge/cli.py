@@ -8,26 +8,18 @@ import sys
 
 import click
 
-from ..errors import MAX_THREADS, FiniteFloat, UserError
+from ..errors import MAX_THREADS, Checked, FiniteFloat, UserError
 from ..profiles.cli import ProfileParam
-from ..transport import endpoint_option
+from ..wire.transport import endpoint_option
+from .data import parse_scheme
 
-# the protocol's integers are within +-(2**53 - 1), and a step id stays below that (splitedge.protocol)
+# the protocol's integers are within +-(2**53 - 1), and a step id stays below that (splitedge.wire.protocol)
 MAX_STEPS = 2**53 - 2
 MAX_ID = 2**53 - 1
 
 
-class Partition(click.ParamType):
-    name = "iid|dirichlet:ALPHA"
-
-    def convert(self, value, param, ctx):
-        from .data import parse_scheme
-
-        try:
-            parse_scheme(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-        return str(value)
+#: --partition, checked while the arguments are parsed
+PARTITION = Checked(parse_scheme, "iid|dirichlet:ALPHA")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,7 +33,7 @@ class Partition(click.ParamType):
 @click.option("--client-id", type=click.IntRange(0, MAX_ID), default=0, show_default=True, help="This client's index.")
 @click.option("--num-clients", type=click.IntRange(1, MAX_ID), default=1, show_default=True,
               help="Number of clients the training set is split between.")
-@click.option("--partition", type=Partition(), default="iid", show_default=True,
+@click.option("--partition", type=PARTITION, default="iid", show_default=True,
               help="How the training set is split: iid, or dirichlet:ALPHA (non-IID, seeded).")
 @click.option("--epochs", type=click.IntRange(1, MAX_STEPS), default=None, help="Epochs over this client's shard [default: 1].")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Train steps instead of --epochs.")
@@ -117,7 +109,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
                  --data fashion-mnist --client-id 0 --num-clients 2 --epochs 1 --summary runs/c0.json
     """
     from ..export.manifest import ManifestError
-    from .. import protocol as P
+    from ..wire import protocol as P
     from ..codecs import PayloadError
     from .client import (EdgeClient, EdgeConfig, EdgeError, EdgeInputError, Interrupted, RemoteError, ResumeMismatch,
                          SummaryError)
@@ -131,7 +123,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
     if bool(curve_secret) != bool(server_key):
         raise click.BadParameter("--curve-secret and --server-key go together", param_hint="--curve-secret")
-    from ..shaping import parse_duration, parse_rate
+    from ..wire.shaping import parse_duration, parse_rate
 
     link = {}
     for hint, value in (("--uplink", uplink or bandwidth), ("--downlink", downlink or bandwidth)):

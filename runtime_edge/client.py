@@ -35,13 +35,13 @@ import numpy as np
 import zmq
 
 from .. import codecs as sc
-from .. import protocol as P
-from .. import security
+from ..wire import protocol as P
+from ..wire import security
 from ..export import manifest as mf
 from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
                       load_json_object, probe_write)
-from ..shaping import Link, LinkInterrupted
-from ..transport import client_socket
+from ..wire.shaping import Link, LinkInterrupted
+from ..wire.transport import client_socket
 from . import data as D
 
 log = logging.getLogger("edge-train")
@@ -99,7 +99,7 @@ class EdgeConfig:
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
     log_every: int = 50
     profile: str | None = None  # a device profile's name or file: providers, device, threads, batch size
-    uplink_bps: float | None = None  # emulated access link (see splitedge.shaping); None: unlimited
+    uplink_bps: float | None = None  # emulated access link (see splitedge.wire.shaping); None: unlimited
     downlink_bps: float | None = None
     latency_s: float = 0.0
     curve_secret: str | None = None  # this edge's .key_secret (CurveZMQ)
@@ -903,7 +903,7 @@ class Interrupted(Exception):
 
 class RemoteError(Exception):
     """An ERROR from the cloud. Its code and message are the cloud's text: capped and with control
-    characters escaped (:func:`splitedge.protocol.printable`) before they reach a log or a terminal."""
+    characters escaped (:func:`splitedge.wire.protocol.printable`) before they reach a log or a terminal."""
 
     def __init__(self, header: dict):
         self.header = header

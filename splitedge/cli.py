@@ -6,11 +6,11 @@ never pay for importing torch or onnxruntime.
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
 import splitedge
+
+from .errors import LazyGroup
 
 # name -> "module:attribute" of a click command; owners register their commands here
 SUBCOMMANDS: dict[str, str] = {
@@ -19,26 +19,11 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "splitedge.runtime_edge.cli:main",
     "flash": "splitedge.profiles.flash_cli:main",
     "profiles": "splitedge.profiles.cli:profiles",
-    "bench": "splitedge.bench:bench",
-    "demo": "splitedge.demo:demo",
-    "experiment": "splitedge.experiment:main",
-    "keys": "splitedge.security:keys",
+    "bench": "splitedge.lab.bench:bench",
+    "demo": "splitedge.lab.demo:demo",
+    "experiment": "splitedge.lab.experiment:main",
+    "keys": "splitedge.wire.security:keys",
 }
-
-
-class LazyGroup(click.Group):
-    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lazy = dict(lazy or {})
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy:
-            module, attr = self.lazy[name].split(":")
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
 
 
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,3 +34,7 @@ def main() -> None:
     The stand-alone commands export-client, cloud-serve, edge-train and
     flash-board are also available here as export, serve, train and flash.
     """
+
+
+if __name__ == "__main__":
+    main()

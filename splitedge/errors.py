@@ -1,6 +1,8 @@
-"""Errors shared by every command (a small, torch-free module: the edge bundle carries it)."""
+"""Errors and click helpers shared by every command (a small, torch-free module: the edge bundle carries it)."""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
@@ -57,3 +59,52 @@ def writable_file_option(ctx, param, value):
     if value is not None:
         check_writable_file(value, param.opts[0])
     return value
+
+
+class InputShape(click.ParamType):
+    """``C,H,W`` (or ``CxHxW``) of one input sample: three positive integers."""
+
+    name = "C,H,W"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).replace("x", ",").split(",")
+        try:
+            shape = tuple(int(p) for p in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not three integers C,H,W (e.g. 1,28,28)", param, ctx)
+        if len(shape) != 3 or min(shape) < 1:
+            self.fail(f"{value!r} must be three positive integers C,H,W (e.g. 1,28,28)", param, ctx)
+        return shape
+
+
+class Checked(click.ParamType):
+    """A string option checked at parse time by ``check`` (which raises ValueError naming the problem)."""
+
+    def __init__(self, check, name: str):
+        self.check, self.name = check, name
+
+    def convert(self, value, param, ctx):
+        try:
+            self.check(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands, given as ``name -> "module:attribute"``, are imported only when used."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)

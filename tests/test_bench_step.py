@@ -46,10 +46,9 @@ def test_bench_step_rejects_bad_shapes():
 
 
 def test_sgq_floor_script_runs_and_onnxruntime_assigns_like_numpy():
-    """scripts/bench_sgq_floor.py backs docs/codecs.md's account of SGQ's encode time; it exits
+    """`splitedge bench sgq-floor` backs docs/codecs.md's account of SGQ's encode time; it exits
     non-zero if ONNX Runtime's assignment disagrees with kmeans.nearest's labels."""
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_sgq_floor.py"), "--repeat", "3"],
+    res = subprocess.run([sys.executable, "-m", "splitedge.cli", "bench", "sgq-floor", "--repeat", "3"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rate = re.search(r"23\.6 MFLOP at ([0-9.]+) GFLOP/s", res.stdout)

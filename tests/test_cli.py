@@ -79,7 +79,7 @@ def test_bad_endpoints_and_models_exit_2(argv, needle):
 
 
 def test_check_endpoint_accepts_the_forms_in_use():
-    from splitedge.transport import check_endpoint
+    from splitedge.wire.transport import check_endpoint
 
     for ok in ("tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://[::1]:5555", "tcp://cloud.example.com:80",
                "tcp://eth0:5555", "ipc:///tmp/splitedge.sock", "inproc://x"):

@@ -27,10 +27,10 @@ import zmq
 
 from helpers import bin_path
 from splitedge import codecs as sc
-from splitedge import launch
-from splitedge import protocol as P
+from splitedge.lab import launch
+from splitedge.wire import protocol as P
 from splitedge.fsutil import CheckpointDir, atomic_write_json
-from splitedge.transport import check_bind_endpoint, check_connect_endpoint, server_socket
+from splitedge.wire.transport import check_bind_endpoint, check_connect_endpoint, server_socket
 
 ACT = (64, 14, 14)  # ResNet-18 cut 3 for 1x28x28
 

@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 def test_import_pulls_in_neither_torch_nor_onnxruntime_nor_scipy():
     code = (
         "import sys, json\n"
-        "import splitedge.codecs, splitedge.codecs.bench\n"
+        "import splitedge.codecs\n"
         "import splitedge.codecs as c\n"
         "import numpy as np\n"
         "c.decode(c.get('sgq').encode(np.ones((2, 4, 3, 3), np.float32)))\n"
@@ -139,10 +139,9 @@ def test_bench_codecs_rejects_bad_options():
 
 
 def test_fp16_cast_benchmark_runs_and_finds_numpys_cast_bit_identical():
-    """scripts/bench_fp16_cast.py backs docs/codecs.md's fp16 figures; it asserts the codec's conversion and
+    """`splitedge bench fp16-cast` backs docs/codecs.md's fp16 figures; it asserts the codec's conversion and
     numpy's cast bit-identical (every finite half code; three value ranges) and exits non-zero otherwise."""
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_fp16_cast.py"), "--repeat", "2"],
+    res = subprocess.run([sys.executable, "-m", "splitedge.cli", "bench", "fp16-cast", "--repeat", "2"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "decode: bit-identical on every finite half code (63488)" in res.stdout

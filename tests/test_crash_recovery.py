@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from splitedge import launch
+from splitedge.lab import launch
 from splitedge.fsutil import CheckpointDir
 
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"

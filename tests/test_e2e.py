@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import zmq
 
-from splitedge import launch
-from splitedge import protocol as P
+from splitedge.lab import launch
+from splitedge.wire import protocol as P
 from splitedge.runtime_edge import data as D
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -360,7 +360,7 @@ def test_import_hygiene_of_the_edge_side():
     """The codecs, protocol, transport and data loaders import neither torch nor onnxruntime."""
     code = (
         "import sys\n"
-        "import splitedge.codecs, splitedge.protocol, splitedge.transport, splitedge.runtime_edge.data\n"
+        "import splitedge.codecs, splitedge.wire.protocol, splitedge.wire.transport, splitedge.runtime_edge.data\n"
         "import splitedge.export.manifest\n"
         "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'scipy', 'sklearn') if m in sys.modules))\n"
     )

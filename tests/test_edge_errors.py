@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from splitedge import launch
+from splitedge.lab import launch
 from splitedge.fsutil import CheckpointDir
 
 SYNTH = "synthetic:n=256,classes=10,shape=1x28x28,seed=0"

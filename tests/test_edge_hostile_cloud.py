@@ -19,8 +19,8 @@ import pytest
 import zmq
 
 from splitedge import codecs as sc
-from splitedge import launch
-from splitedge import protocol as P
+from splitedge.lab import launch
+from splitedge.wire import protocol as P
 
 SYNTH = "synthetic:n=256,classes=10,shape=1x28x28,seed=0"
 BATCH = 16

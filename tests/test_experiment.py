@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from splitedge import experiment as X
-from splitedge.launch import script
+from splitedge.lab import experiment as X
+from splitedge.lab.launch import script
 
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
 STEPS, EVERY, CLIENTS, TARGET = 50, 25, 2, 0.9
@@ -81,7 +81,7 @@ def _runs(out: Path) -> dict[str, Path]:
 
 
 def _recompute(run: Path) -> dict:
-    """A run's figures from its raw files, independently of splitedge.experiment."""
+    """A run's figures from its raw files, independently of splitedge.lab.experiment."""
     edges = [json.loads((run / f"edge-{c}.json").read_text()) for c in range(CLIENTS)]
     steps = [e for e in _jsonl(run / "cloud-metrics.jsonl") if e["event"] == "step"]
     payload = sum(e["payload_in"] + e["payload_out"] for e in steps)
@@ -386,7 +386,7 @@ def test_groups_share_identical_runs(tmp_path):
 
 
 def test_importing_the_command_loads_no_plotting_or_training_stack():
-    code = ("import sys, splitedge.experiment as X; X.load_config(sys.argv[1]); "
+    code = ("import sys, splitedge.lab.experiment as X; X.load_config(sys.argv[1]); "
             "print(sorted(m for m in ('matplotlib', 'torch', 'onnxruntime') if m in sys.modules))")
     cfg = Path(__file__).resolve().parent.parent / "experiments" / "papers.toml"
     p = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
@@ -397,7 +397,7 @@ def test_importing_the_command_loads_no_plotting_or_training_stack():
 def test_an_omitted_bandwidth_is_the_explicit_unlimited(tmp_path):
     """Without [grid] bandwidth the runs are those of bandwidth = ["unlimited"]: same ids, same
     edge-train command lines, which edge-train accepts (it parses --bandwidth with parse_rate)."""
-    from splitedge.shaping import parse_rate
+    from splitedge.wire.shaping import parse_rate
 
     omitted, explicit, shaped = tmp_path / "omitted.toml", tmp_path / "explicit.toml", tmp_path / "shaped.toml"
     omitted.write_text(CONFIG.replace('bandwidth = ["50mbit"]\n', ""))

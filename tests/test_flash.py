@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from splitedge import launch
+from splitedge.lab import launch
 from splitedge.profiles import flash as F
 from splitedge.profiles import schema
 

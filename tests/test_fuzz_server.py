@@ -49,8 +49,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from splitedge import codecs as sc
-from splitedge import launch
-from splitedge import protocol as P
+from splitedge.lab import launch
+from splitedge.wire import protocol as P
 
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
 HANG_S = 10.0  # a valid message costs the server milliseconds; no answer in 10 s is a hang

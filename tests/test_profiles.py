@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from splitedge import launch
+from splitedge.lab import launch
 from splitedge import profiles as P
 from splitedge.profiles import schema
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitedge import protocol as P
+from splitedge.wire import protocol as P
 
 
 def test_round_trip_every_message_type():

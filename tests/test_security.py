@@ -14,9 +14,9 @@ import pytest
 import zmq
 
 from splitedge import codecs as sc
-from splitedge import launch
-from splitedge import protocol as P
-from splitedge import security
+from splitedge.lab import launch
+from splitedge.wire import protocol as P
+from splitedge.wire import security
 
 from helpers import bin_path
 

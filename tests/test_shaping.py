@@ -1,4 +1,4 @@
-"""The emulated access link (splitedge.shaping): its arithmetic, and real throughput over ZeroMQ."""
+"""The emulated access link (splitedge.wire.shaping): its arithmetic, and real throughput over ZeroMQ."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import zmq
 
-from splitedge import launch
-from splitedge.shaping import Link, parse_duration, parse_rate
-from splitedge.transport import client_socket, server_socket
+from splitedge.lab import launch
+from splitedge.wire.shaping import Link, parse_duration, parse_rate
+from splitedge.wire.transport import client_socket, server_socket
 
 
 def test_parse_units():
@@ -144,7 +144,7 @@ def test_a_long_emulated_send_is_interruptible_and_honours_a_deadline():
     import threading
     import time
 
-    from splitedge.shaping import LinkInterrupted
+    from splitedge.wire.shaping import LinkInterrupted
 
     stop = threading.Event()
     link = Link(up_bps=1, interrupt=stop.is_set, poll_s=0.05)

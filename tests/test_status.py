@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitedge import launch
+from splitedge.lab import launch
 from splitedge.runtime_cloud import status as st
 
 ROOT = Path(__file__).resolve().parents[1]

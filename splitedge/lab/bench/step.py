@@ -31,8 +31,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import MAX_THREADS, UserError, writable_file_option
-from ..export.zoo_names import MODEL_NAMES
+from ...errors import MAX_THREADS, UserError, writable_file_option
+from ...export.zoo_names import MODEL_NAMES
 
 
 def _median_ms(fn, repeat: int, warmup: int = 3) -> float:
@@ -79,11 +79,11 @@ def measure(shape: tuple[int, int, int], *, model: str, cut: int | str, batch: i
     """One row. ``artifacts`` caches exports by (shape, cut) between rows of one run."""
     import torch
 
-    from .. import codecs as sc
-    from ..export import onnx_export as oe
-    from ..export import split, zoo
-    from .ort_backend import EdgeModel
-    from .portable_backend import EdgeModel as PortableModel
+    from ... import codecs as sc
+    from ...export import onnx_export as oe
+    from ...export import split, zoo
+    from ...runtime_edge.ort_backend import EdgeModel
+    from ...runtime_edge.portable_backend import EdgeModel as PortableModel
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape)).astype(np.float32)
@@ -202,7 +202,7 @@ def main(shapes, model, cut_list, batch_list, codec_list, bits, repeat, threads,
     Targets of the portable backend, read from this run's own figures: its step within 1.25x of
     PyTorch eager's, and at least 2.5x faster than ORT training's, on every row.
     """
-    from .. import codecs as sc
+    from ... import codecs as sc
 
     try:
         shape_list = [_shape(s) for s in shapes.split(",") if s.strip()]
@@ -246,7 +246,7 @@ def main(shapes, model, cut_list, batch_list, codec_list, bits, repeat, threads,
 
 def _run_rows(rows_todo, exports, results, model, names, bits, repeat, threads) -> None:
     """Measures and prints each row, appending to ``results`` (kept if a later row fails)."""
-    from ..export.onnx_export import ExportError
+    from ...export.onnx_export import ExportError
 
     for shape, cut, batch_size in rows_todo:
         try:

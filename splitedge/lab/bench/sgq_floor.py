@@ -1,6 +1,6 @@
 """Where SGQ's 4-bit encode of a 32x64x16x16 activation spends its time, against its floor.
 
-Run:  .venv/bin/python scripts/bench_sgq_floor.py [--repeat 200]
+Run:  splitedge bench sgq-floor [--repeat 200]
 
 Prints, measured in one process (medians of --repeat runs):
 
@@ -20,11 +20,10 @@ shows how much of the encode is the assignment every stripe needs, whatever the 
 
 from __future__ import annotations
 
-import argparse
-
+import click
 import numpy as np
 
-from splitedge.runtime_edge.bench import _median_ms as median_ms
+from .step import _median_ms as median_ms
 
 
 def activation(rng: np.random.Generator) -> np.ndarray:
@@ -51,20 +50,18 @@ def ort_argmin_session(g: int, k: int, d2: int, m: int, threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=200, help="timed runs per figure (median)")
-    args = ap.parse_args()
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
+@click.command("sgq-floor", help=__doc__.split("\n\n")[0])
+@click.option("--repeat", type=click.IntRange(min=1), default=200, show_default=True,
+              help="timed runs per figure (median)")
+def main(repeat: int) -> None:
 
-    from splitedge import codecs as sc
-    from splitedge.codecs import kmeans, sgq
+    from ... import codecs as sc
+    from ...codecs import kmeans, sgq
 
     rng = np.random.default_rng(0)
     x = activation(rng)
     codec = sc.get("sgq", bits=4)
-    enc_ms = median_ms(lambda: codec.encode(x), args.repeat)
+    enc_ms = median_ms(lambda: codec.encode(x), repeat)
 
     # the assignment as stripe_vq runs it, on the centroids of the last encode
     x3 = x.reshape(32, 64, -1)
@@ -92,11 +89,11 @@ def main() -> None:
             np.matmul(Ua, xa[:, :, a:b])
 
     labels = assign()
-    assign_ms = median_ms(assign, args.repeat)
-    mm_ms = median_ms(products, args.repeat)
+    assign_ms = median_ms(assign, repeat)
+    mm_ms = median_ms(products, repeat)
     flops = 2.0 * g * k * (dmax + 2) * m
     ref = np.empty_like(x)
-    copy_ms = median_ms(lambda: np.copyto(ref, x), args.repeat)
+    copy_ms = median_ms(lambda: np.copyto(ref, x), repeat)
 
     print(f"numpy {np.__version__}; SGQ 4-bit, {g} groups of <= {dmax} channels, {m} stripes, {k} centroids")
     print(f"{'np.copyto of the activation (reference)':52s} {copy_ms:8.3f} ms")
@@ -116,7 +113,7 @@ def main() -> None:
         agree = float((got == labels).mean())
         if agree < 0.999:
             raise SystemExit(f"ONNX Runtime's labels agree with numpy's on only {agree:.2%} of the stripes")
-        ort_ms = median_ms(lambda: sess.run(None, {"X": XT, "U": UT}), args.repeat)
+        ort_ms = median_ms(lambda: sess.run(None, {"X": XT, "U": UT}), repeat)
         print(f"{f'  the same assignment in ONNX Runtime, {threads} thread(s)':52s} {ort_ms:8.3f} ms  "
               f"{ort_ms / assign_ms:5.2f}x numpy's; labels agree on {agree:.2%}")
 

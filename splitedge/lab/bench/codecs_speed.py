@@ -34,7 +34,7 @@ import time
 import click
 import numpy as np
 
-from ..errors import UserError, writable_file_option
+from ...errors import UserError, writable_file_option
 
 DEFAULT_SHAPES = "32x64x16x16,32x64x56x56,128x64x8x8"
 EDGE_SHAPE = (32, 64, 16, 16)
@@ -62,7 +62,7 @@ class CodecList(click.ParamType):
     name = "codecs"
 
     def convert(self, value, param, ctx):
-        from . import available
+        from ...codecs import available
 
         if isinstance(value, list):
             return value
@@ -129,7 +129,7 @@ def measure_edge_step(repeat: int, log) -> float:
 
 
 def bench_one(name: str, bits: int, shape, repeat: int, seed: int, cold: bool = False) -> dict:
-    from . import codec_class, decode, get
+    from ...codecs import codec_class, decode, get
 
     cls = codec_class(name)
     params = {"bits": bits} if "bits" in cls.PARAMS else {}
@@ -182,7 +182,7 @@ def bench_one(name: str, bits: int, shape, repeat: int, seed: int, cold: bool = 
 @click.option("--cold", is_flag=True, help="Evict the caches (write 64 MiB) before every timed run, copy included.")
 def main(names, bits, repeat, shapes, json_path, edge_step, seed, cold) -> None:
     """Throughput (as a ratio to np.copyto of the same bytes), compression ratio and error of each codec."""
-    from . import available
+    from ...codecs import available
 
     names = names or available()
     log = lambda s: click.echo(s, err=True)  # noqa: E731

@@ -185,7 +185,7 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
 def traffic(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Bytes of the TRAIN/GRAD messages of a run, from the cloud's step metrics, and what fp32
     payloads of the same shapes would have been (the fp32 codec's exact payload size)."""
-    from .codecs import get
+    from ..codecs import get
 
     fp32 = get("fp32")
     steps = [e for e in events if e.get("event") == "step"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .cli import LazyGroup
+from ...errors import LazyGroup
 
 BENCHMARKS: dict[str, str] = {
-    "codecs": "splitedge.codecs.bench:main",
-    "step": "splitedge.runtime_edge.bench:main",
-    "load": "splitedge.runtime_cloud.bench_load:main",
+    "codecs": "splitedge.lab.bench.codecs_speed:main",
+    "step": "splitedge.lab.bench.step:main",
+    "load": "splitedge.lab.bench.load:main",
+    "sgq-floor": "splitedge.lab.bench.sgq_floor:main",
+    "fp16-cast": "splitedge.lab.bench.fp16_cast:main",
 }
 
 

@@ -29,7 +29,7 @@ import click
 import zmq
 import zmq.auth
 
-log = logging.getLogger("splitedge.security")
+log = logging.getLogger("splitedge.wire.security")
 
 
 class KeyFileError(ValueError):

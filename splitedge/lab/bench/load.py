@@ -34,10 +34,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import FiniteFloat, UserError
-from ..export.cli import InputShape
-from ..export.zoo_names import MODEL_NAMES, check_cut
-from ..fsutil import check_writable_file
+from ...errors import FiniteFloat, InputShape, UserError
+from ...export.zoo_names import MODEL_NAMES, check_cut
+from ...fsutil import check_writable_file
 
 
 @dataclass
@@ -56,7 +55,7 @@ class SimClient:
 def _wait_for_cloud(ctx, endpoint: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
     import zmq
 
-    from .. import protocol as P
+    from ...wire import protocol as P
 
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -89,10 +88,10 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
     (``/status.json`` every second, the page itself every 5 s) for the whole run."""
     import zmq
 
-    from .. import codecs as sc
+    from ... import codecs as sc
     from .. import launch
-    from .. import protocol as P
-    from ..export import manifest as mf
+    from ...wire import protocol as P
+    from ...export import manifest as mf
 
     m = mf.load(artifacts)
     port = launch.free_port()
@@ -323,7 +322,7 @@ class _PageViewer:
 def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artifacts, cloud_threads, timeout_s, seed,
          json_path, status_page):
     """One cloud-serve, N simulated edge clients: steps/s and p50/p99 step latency."""
-    from .. import codecs as sc
+    from ... import codecs as sc
 
     if codec not in sc.available():
         raise click.BadParameter(f"unknown codec {codec!r}; available: {', '.join(sc.available())}", param_hint="--codec")
@@ -334,7 +333,7 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--cut") from None
     if artifacts is not None:
-        from ..export import manifest as mf
+        from ...export import manifest as mf
 
         try:
             mf.load(artifacts)
@@ -348,7 +347,7 @@ def main(clients, steps, batch_size, codec, bits, model, cut, input_shape, artif
     with tempfile.TemporaryDirectory(prefix="splitedge-load-") as tmp:
         work = Path(tmp)
         if artifacts is None:
-            from ..export import onnx_export as oe
+            from ...export import onnx_export as oe
 
             artifacts = work / "artifacts"
             click.echo(f"exporting {model} cut {cut} for {'x'.join(map(str, shape))} to a temporary directory ...")

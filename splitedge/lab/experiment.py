@@ -1,8 +1,8 @@
 """``splitedge experiment CONFIG.toml``: a grid of real split-training runs, a table and plots.
 
 Every run of the grid is one real ``cloud-serve`` process and K real ``edge-train``
-processes over TCP loopback (:mod:`splitedge.launch`), each client on an emulated access
-link (:mod:`splitedge.shaping`). Runs execute one after the other; a run is *done* when
+processes over TCP loopback (:mod:`splitedge.lab.launch`), each client on an emulated access
+link (:mod:`splitedge.wire.shaping`). Runs execute one after the other; a run is *done* when
 its ``result.json`` exists (written atomically, last), so rerunning the same command
 skips finished runs and redoes interrupted or failed ones from scratch.
 
@@ -85,7 +85,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from .errors import FiniteFloat, UserError
+from ..errors import FiniteFloat, UserError
 
 RESULT_VERSION = 1  # of result.json and results.json
 
@@ -308,7 +308,7 @@ def _list(where: str, v: Any) -> list:
 
 def parse_codec(where: str, entry: Any) -> CodecSpec:
     """``"sgq:4"``, ``"fp32"`` or ``{name = "randtopk", params = {rate = 0.05}, label = "..."}``."""
-    from . import codecs as sc
+    from .. import codecs as sc
 
     if isinstance(entry, str):
         name, sep, bits = entry.strip().partition(":")
@@ -345,7 +345,7 @@ def parse_codec(where: str, entry: Any) -> CodecSpec:
 
 
 def _partition(where: str, v: Any) -> str:
-    from .runtime_edge.data import parse_scheme
+    from ..runtime_edge.data import parse_scheme
 
     v = _str(where, v)
     try:
@@ -356,7 +356,7 @@ def _partition(where: str, v: Any) -> str:
 
 
 def _bandwidth(where: str, v: Any) -> str | None:
-    from .shaping import parse_rate
+    from ..wire.shaping import parse_rate
 
     v = _str(where, v)
     if v.lower() in UNLIMITED:
@@ -370,8 +370,8 @@ def _bandwidth(where: str, v: Any) -> str | None:
 
 def _run_settings(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Validates the run keys present in ``raw`` and returns ``base`` updated with them."""
-    from .runtime_edge import data as D
-    from .shaping import parse_duration
+    from ..runtime_edge import data as D
+    from ..wire.shaping import parse_duration
 
     out = dict(base)
     for k, v in raw.items():
@@ -379,7 +379,7 @@ def _run_settings(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict
             continue
         w = f"{where} {k}"
         if k == "model":
-            from .export.zoo_names import MODEL_NAMES
+            from ..export.zoo_names import MODEL_NAMES
 
             out[k] = _str(w, v)
             if out[k] not in MODEL_NAMES:
@@ -421,7 +421,7 @@ def _run_settings(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict
             if out[k] > 8:
                 raise ConfigError(f"{w}: must be <= 8, got {out[k]}")
     if "model" in raw or "cut" in raw:  # a cut is checked against the model it ends up with
-        from .export.zoo_names import check_cut
+        from ..export.zoo_names import check_cut
 
         try:
             check_cut(out["model"], out["cut"])
@@ -462,7 +462,7 @@ def _grid_lists(where: str, raw: dict[str, Any], base: dict[str, Any]) -> dict[s
 
 def _check_data_dir(where: str, data: str) -> None:
     """A data spec that names a directory must name an existing one (cheap: nothing is read)."""
-    from .runtime_edge import data as D
+    from ..runtime_edge import data as D
 
     spec = D.parse_spec(data)
     if spec.path is not None and not Path(spec.path).expanduser().is_dir():
@@ -577,8 +577,8 @@ def _build(doc: dict[str, Any], path: Path, text: str, out_override: str | None,
 
 def _artifacts(exp_out: Path, run: RunConfig, log: Callable[[str], None]) -> Path:
     """Exports the edge/cloud halves once per (model, cut, input shape, classes, optimizer, lr)."""
-    from .export import onnx_export as oe
-    from .runtime_edge import data as D
+    from ..export import onnx_export as oe
+    from ..runtime_edge import data as D
 
     ds = D.load(run.data, split="test")
     key = {"model": run.model, "cut": run.cut, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
@@ -705,7 +705,7 @@ def _point_lines(run: RunConfig, result: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode())
 
@@ -774,7 +774,7 @@ def execute(out: Path, run: RunConfig, artifacts: Path, timeout_s: float, echo: 
             tick_s: float = 30.0) -> dict[str, Any]:
     """Runs one grid point from scratch (a partial directory is deleted first); returns its result."""
     from . import launch
-    from .fsutil import atomic_write_json
+    from ..fsutil import atomic_write_json
 
     wd = run_dir(out, run)
     if wd.exists():
@@ -802,7 +802,7 @@ def codec_payload_size(name: str, params: dict[str, Any], shape: Iterable[int]) 
     """The payload size of a codec whose size depends only on the shape (fp32, fp16, uq)."""
     import numpy as np
 
-    from . import codecs as sc
+    from .. import codecs as sc
 
     key = (name, tuple(sorted(params.items())), tuple(shape))
     if key not in _SIZES:
@@ -1011,7 +1011,7 @@ def draw_plots(exp: Experiment, report: dict[str, Any], results: dict[str, dict[
 
 def write_outputs(exp: Experiment, failed: list[dict[str, Any]], plots: bool = True) -> dict[str, Any]:
     """evals.jsonl, results.json, results.md (and the plots) from every finished run."""
-    from .fsutil import atomic_write_bytes, atomic_write_json
+    from ..fsutil import atomic_write_bytes, atomic_write_json
 
     results: dict[str, dict[str, Any]] = {}
     lines: list[dict[str, Any]] = []
@@ -1080,7 +1080,7 @@ def check_out_dir(out: Path) -> bool:
 def init_out_dir(out: Path, text: str) -> None:
     """Creates (or takes over, see :func:`check_out_dir`) the output directory; writes its
     marker, then ``config.toml``."""
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
 
     unmarked = check_out_dir(out)
     try:

@@ -1,5 +1,5 @@
 """ZeroMQ sockets for the two sides. The transport moves frames and counts their bytes;
-it knows nothing of codecs or message meaning (see :mod:`splitedge.protocol`).
+it knows nothing of codecs or message meaning (see :mod:`splitedge.wire.protocol`).
 
 Byte counts are the sizes of the frames handed to / received from ZeroMQ: the
 protocol header frame plus every payload frame. ZeroMQ's own framing (2-9 bytes per
@@ -137,7 +137,7 @@ class Counters:
 class Endpoint:
     """One socket plus byte counters. ``send``/``recv`` take and return lists of frames.
 
-    An optional :class:`splitedge.shaping.Link` delays sends and receives as an
+    An optional :class:`splitedge.wire.shaping.Link` delays sends and receives as an
     emulated rate-limited, high-latency link would (the edge's access link).
     """
 
@@ -214,7 +214,7 @@ class Endpoint:
 
 def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   curve: Any = None) -> Endpoint:
-    """A ROUTER bound to ``bind``; with ``curve`` (:class:`splitedge.security.CurveServer`) a CURVE
+    """A ROUTER bound to ``bind``; with ``curve`` (:class:`splitedge.wire.security.CurveServer`) a CURVE
     server whose peers the caller's ZAP handler must authenticate."""
     try:
         check_bind_endpoint(bind)  # never let ZeroMQ delete a file (or another server's socket) at an ipc:// path
@@ -241,7 +241,7 @@ def server_socket(ctx: zmq.Context, bind: str, *, max_message_bytes: int = DEFAU
 
 def client_socket(ctx: zmq.Context, connect: str, identity: bytes, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   link: Any = None, curve: Any = None) -> Endpoint:
-    """A DEALER connected to ``connect``; with ``curve`` (:class:`splitedge.security.CurveClient`)
+    """A DEALER connected to ``connect``; with ``curve`` (:class:`splitedge.wire.security.CurveClient`)
     encrypted. ``Endpoint.handshake_failure()`` tells why the peer refused us, if it did."""
     sock = ctx.socket(zmq.DEALER)
     if curve is not None:

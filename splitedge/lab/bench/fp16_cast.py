@@ -1,6 +1,6 @@
 """fp16's float32 <-> half conversion: the codec's integer arithmetic against numpy's float16 cast.
 
-Run:  .venv/bin/python scripts/bench_fp16_cast.py [--repeat 50] [--exhaustive]
+Run:  splitedge bench fp16-cast [--repeat 50] [--exhaustive]
 
 Prints, measured in one process (medians of --repeat runs, the two timed alternately; ms and
 GB/s of float32), for a 32x64x16x16 activation (ResNet-18 cut 3, batch 32) of three kinds of
@@ -17,12 +17,12 @@ with ``--exhaustive``, on every finite float32 bit pattern (encode; a few minute
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import click
 import numpy as np
 
-from splitedge.codecs import fp
+from ...codecs import fp
 
 _HALF_MAX = np.float32(65504.0)
 
@@ -58,11 +58,10 @@ def exhaustive_encode_check() -> None:
     print("encode: bit-identical on every finite float32 bit pattern")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=50)
-    ap.add_argument("--exhaustive", action="store_true", help="check encode on every finite float32 bit pattern")
-    args = ap.parse_args()
+@click.command("fp16-cast", help=__doc__.split("\n")[0])
+@click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, help="timed runs per figure (median)")
+@click.option("--exhaustive", is_flag=True, help="check encode on every finite float32 bit pattern")
+def main(repeat: int, exhaustive: bool) -> None:
     codes = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     codes = codes[(codes & 0x7FFF) < 0x7C00]  # every finite half
     assert np.array_equal(fp.from_half(codes).view(np.uint32), numpy_from_half(codes).view(np.uint32))
@@ -75,7 +74,7 @@ def main() -> None:
         "relu N(0,1)": np.maximum(normal, 0),
         "wide 2^-26..2^16": (rng.standard_normal(shape) * np.exp2(rng.integers(-26, 17, shape))).astype(np.float32),
     }
-    print(f"numpy {np.__version__}; {'x'.join(map(str, shape))} float32; medians of {args.repeat} runs")
+    print(f"numpy {np.__version__}; {'x'.join(map(str, shape))} float32; medians of {repeat} runs")
     print(f"{'values':>16} {'op':>6} {'codec ms':>9} {'numpy ms':>9} {'codec GB/s':>10} {'numpy GB/s':>10} "
           f"{'numpy/codec':>11}")
     for label, x in kinds.items():
@@ -85,10 +84,10 @@ def main() -> None:
         gb = x.nbytes / 1e9
         for op, codec, numpy_ in (("encode", lambda x=x: fp.to_half(x), lambda x=x: numpy_to_half(x)),
                                   ("decode", lambda h=h: fp.from_half(h), lambda h=h: numpy_from_half(h))):
-            t_codec, t_numpy = median_ms_pair(codec, numpy_, args.repeat)
+            t_codec, t_numpy = median_ms_pair(codec, numpy_, repeat)
             print(f"{label:>16} {op:>6} {t_codec:9.3f} {t_numpy:9.3f} {gb / t_codec * 1e3:10.2f} "
                   f"{gb / t_numpy * 1e3:10.2f} {t_numpy / t_codec:11.2f}")
-    if args.exhaustive:
+    if exhaustive:
         exhaustive_encode_check()
 
 

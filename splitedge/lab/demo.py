@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .errors import FiniteFloat, UserError
-from .export.zoo_names import MODEL_NAMES, check_cut
-from .runtime_edge.cli import Partition
+from ..errors import Checked, FiniteFloat, UserError
+from ..export.zoo_names import MODEL_NAMES, check_cut
+from ..runtime_edge.data import parse_scheme
 
 MARKER = ".splitedge-demo"  # marks a --workdir this command wrote (and may replace)
 
@@ -39,7 +39,7 @@ def _fmt_bytes(n: float) -> str:
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="resnet18", show_default=True, help="Zoo model.")
 @click.option("--cut", default="3", show_default=True, help="Cut (index or unit name).")
 @click.option("--clients", type=click.IntRange(min=1), default=2, show_default=True, help="Edge processes.")
-@click.option("--partition", type=Partition(), default="iid", show_default=True, help="iid or dirichlet:ALPHA.")
+@click.option("--partition", type=Checked(parse_scheme, "iid|dirichlet:ALPHA"), default="iid", show_default=True, help="iid or dirichlet:ALPHA.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs per client.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per client instead of --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size.")
@@ -60,9 +60,9 @@ def demo(workdir, data, model, cut, clients, partition, epochs, steps, batch_siz
         raise click.UsageError("give --epochs or --steps, not both")
 
     from . import launch
-    from .export import onnx_export as oe
-    from . import codecs as sc
-    from .runtime_edge import data as D
+    from ..export import onnx_export as oe
+    from .. import codecs as sc
+    from ..runtime_edge import data as D
 
     try:  # before the workdir is replaced: a typo must not cost the last demo's results
         check_cut(model, cut)
