@@ -75,10 +75,15 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the edge runs on CPython 3.8+: tomli is tomllib's own source, a requirement there
+    import tomli as tomllib
 
 SCHEMA_VERSIONS = (1,)
 PROFILE_DIR = Path(__file__).resolve().parent
@@ -223,6 +228,12 @@ class Profile:
     notes: str = ""
     stacks: tuple[Stack, ...] = ()
     path: str = ""  # the file it was read from
+
+    @property
+    def backend(self) -> str:
+        """The edge backend this profile's ONNX Runtime can train with: ``ort-training`` for ORT's
+        training build (``onnxruntime-training*``), ``portable`` for any other (plain) build."""
+        return "ort-training" if self.ort.package.startswith("onnxruntime-training") else "portable"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the file's layout (without ``path``)."""

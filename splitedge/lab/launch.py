@@ -57,6 +57,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     port: int | None = None
+    edge_command: list[str] | None = None  # how to start an edge; default: this install's edge-train
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
                                                       env=env), cloud_log))
         for cid in range(spec.num_clients):
             log = wd / f"edge-{cid}.log"
-            cmd = script("edge-train") + [
+            cmd = (spec.edge_command or script("edge-train")) + [
                 "--artifacts", str(spec.artifacts), "--connect", endpoint, "--client-id", str(cid),
                 "--num-clients", str(spec.num_clients), "--summary", str(wd / f"edge-{cid}.json"), "--no-progress",
                 *spec.edge_args, *spec.per_client_args.get(cid, []),
