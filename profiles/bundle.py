@@ -52,6 +52,7 @@ EDGE_ENTRY_POINTS = (
     "splitedge.runtime_edge.cli",
     "splitedge.runtime_edge.client",
     "splitedge.runtime_edge.ort_backend",
+    "splitedge.runtime_edge.portable_backend",
     "splitedge.profiles.selftest",
     "splitedge.profiles.cli",
 )
@@ -188,8 +189,9 @@ def requirements_text(profile: Profile, versions: dict[str, str]) -> str:
             "#   git clone --recursive --branch v" + o.version + " https://github.com/microsoft/onnxruntime",
             f"#   cd onnxruntime && {o.build}",
             "#   python3 -m pip install build/Linux/Release/dist/*.whl",
-            "# ORT's training package imports torch: install a torch build for this board's Python too.",
         ]
+        if profile.backend == "ort-training":
+            lines.append("# ORT's training package imports torch: install a torch build for this board's Python too.")
         lines += [f"# {r}" for r in o.requirements]
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,7 @@ def show_cmd(profile: Profile, as_json: bool, here: bool) -> None:
     if as_json:
         d = profile.to_dict()
         d["path"] = profile.path
+        d["backend"] = profile.backend
         if here:
             d["here"] = _here(profile)
         click.echo(json.dumps(d, indent=2))
@@ -70,6 +71,9 @@ def show_cmd(profile: Profile, as_json: bool, here: bool) -> None:
         text = f.read()
     click.echo(f"# {profile.path}")
     click.echo(text.rstrip("\n"))
+    click.echo(f"\n# edge backend: {profile.backend} ({profile.ort.package} {profile.ort.version}; "
+               + ("ORT's training build, which imports torch)" if profile.backend == "ort-training"
+                  else "plain ONNX Runtime: the portable backend's graphs, no torch)"))
     if profile.stacks:
         click.echo("")
         for line in stacks_summary(profile):

@@ -9,11 +9,12 @@ Steps, each failing with a plain-words reason:
    ``splitedge`` module in use was imported from the bundle (nothing from another install
    leaks in);
 2. the profile loads; this Python is at least the profile's;
-3. onnxruntime (with the training APIs) imports; providers are selected from what it
+3. the profile's edge backend imports: ``portable`` (plain onnxruntime) or ``ort-training``
+   (ORT's training build; ``--backend`` overrides); providers are selected from what it
    reports (:func:`splitedge.profiles.select.select_providers`), and TensorRT's engine cache
    directory is created when TensorRT is used;
 4. the artifacts load with those providers; on random data of the profile's batch size:
-   one forward (training graphs: the activation the cloud would get), one train step with a
+   one train-mode forward (the activation the cloud would get), one train step with a
    random activation gradient (a parameter must change), two runs of the forward-only
    inference graph (cold: includes TensorRT's engine build; warm);
 5. one activation payload is encoded and decoded with a codec (default ``uq:bits=4``);
@@ -93,7 +94,7 @@ def _ms(t0: float) -> float:
 
 
 def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None, codec_spec: str = "uq:bits=4",
-        batch_size: int | None = None, seed: int = 0, say=print) -> dict[str, Any]:
+        batch_size: int | None = None, seed: int = 0, backend: str | None = None, say=print) -> dict[str, Any]:
     """Runs every step; returns the result dict (``ok``, ``failed_step``, ``error``, ...)."""
     res: dict[str, Any] = {"ok": False, "failed_step": None, "error": None, "python": sys.version.split()[0],
                            "python_executable": sys.executable, "machine": platform.machine()}
@@ -153,19 +154,28 @@ def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None,
         say(f"profile: {profile.name} ({profile.description})")
         say(f"python: {res['python']} at {sys.executable} on {platform.machine()}")
 
-        # 3. onnxruntime, and the provider choice
+        # 3. the edge backend and its onnxruntime, and the provider choice
         step = "onnxruntime"
+        backend = backend or profile.backend
+        if backend not in ("portable", "ort-training"):
+            raise SelfTestFailed(step, f"unknown edge backend {backend!r}; choose portable or ort-training")
+        res["backend"] = backend
         t0 = time.perf_counter()
         try:
-            from ..runtime_edge import ort_backend
+            if backend == "portable":
+                from ..runtime_edge import portable_backend as edge_backend
+            else:
+                from ..runtime_edge import ort_backend as edge_backend  # type: ignore[no-redef]
         except ImportError as e:
-            raise SelfTestFailed(step, f"onnxruntime with the training APIs cannot be imported by {sys.executable}: "
-                                       f"{e}. Install the bundle's requirements.txt (flash-board --install-deps), "
-                                       f"or on a board the ORT training build from source (see requirements.txt)") \
+            what = "onnxruntime" if backend == "portable" else "onnxruntime with the training APIs"
+            raise SelfTestFailed(step, f"{what} cannot be imported by {sys.executable} (edge backend {backend}): "
+                                       f"{e}. Install the bundle's requirements.txt (flash-board --install-deps)"
+                                       + ("" if backend == "portable" else
+                                          ", or on a board the ORT training build from source (see requirements.txt)")) \
                 from None
         res["import_ms"] = _ms(t0)
-        available = ort_backend.available_providers()
-        ort_version = getattr(ort_backend.ort, "__version__", "?")
+        available = edge_backend.available_providers()
+        ort_version = getattr(edge_backend.ort, "__version__", "?")
         res["onnxruntime"] = ort_version
         res["available_providers"] = available
         say(f"onnxruntime {ort_version}: providers reported: {', '.join(available)}")
@@ -193,7 +203,7 @@ def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None,
 
         t0 = time.perf_counter()
         try:
-            model = ort_backend.EdgeModel(
+            model = edge_backend.EdgeModel(
                 artifacts, device=choice.training_device, threads=profile.runtime.threads or None,
                 inference_providers=list(choice.inference_providers),
                 inference_provider_options=[dict(o) for o in choice.inference_provider_options])
@@ -243,9 +253,10 @@ def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None,
         if in_use and in_use[0] != choice.forward_provider:
             say(f"warning: asked ONNX Runtime for {short_name(choice.forward_provider)} for the forward-only graph, "
                 f"it runs on {short_name(in_use[0])} (the provider failed to start; see ORT's log)")
-        say(f"forward (train-mode, eval_model.onnx)      {res['forward_ms']:9.1f} ms  on {train_where}")
-        say(f"train step (training + optimizer models)   {res['train_step_ms']:9.1f} ms  on {train_where}")
-        say(f"inference (inference_model.onnx) cold/warm {res['infer_cold_ms']:9.1f} / {res['infer_warm_ms']:.1f} ms"
+        say(f"edge backend {backend}")
+        say(f"forward (train mode)                       {res['forward_ms']:9.1f} ms  on {train_where}")
+        say(f"train step (forward, backward, optimizer)  {res['train_step_ms']:9.1f} ms  on {train_where}")
+        say(f"inference (forward-only graph) cold/warm   {res['infer_cold_ms']:9.1f} / {res['infer_warm_ms']:.1f} ms"
             f"  on {in_use[0] if in_use else '?'}")
 
         # 5. one payload
@@ -324,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec", default="uq:bits=4", help="codec for the payload, NAME[:key=value,...]")
     ap.add_argument("--batch-size", type=int, default=None, help="[default: the profile's batch_size]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", choices=("portable", "ort-training"), default=None,
+                    help="edge backend [default: the profile's: portable for plain onnxruntime builds]")
     ap.add_argument("--json", action="store_true", help="print only the SELFTEST_JSON line")
     a = ap.parse_args(argv)
     if a.bundle is None and a.artifacts is None:
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.json:
         print(f"splitedge self-test{f' of {a.bundle}' if a.bundle else ''}", flush=True)
     res = run(bundle=a.bundle.resolve() if a.bundle else None, profile_ref=a.profile, artifacts=a.artifacts,
-              codec_spec=a.codec, batch_size=a.batch_size, seed=a.seed, say=say)
+              codec_spec=a.codec, batch_size=a.batch_size, seed=a.seed, backend=a.backend, say=say)
     if not a.json:
         if res["ok"]:
             print(f"PASS: {res['summary']}", flush=True)

@@ -64,11 +64,13 @@ PARTITION = Checked(parse_scheme, "iid|dirichlet:ALPHA")
                    "checkpoints but no readable LATEST is refused, with how to repair it).")
 @click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: ORT's default; with --profile and no --threads: the profile's).")
-@click.option("--backend", type=click.Choice(["ort-training", "portable"]), default="ort-training", show_default=True,
+@click.option("--backend", type=click.Choice(["ort-training", "portable"]), default=None,
               help="How the edge half trains. ort-training: onnxruntime-training 1.19.2's training API (x86_64, "
                    "Python <= 3.11, imports torch). portable: the plain ONNX graphs in client/portable/ on any "
-                   "onnxruntime InferenceSession, numpy optimizer, BatchNorm and optimizers exactly as PyTorch. A "
-                   "checkpoint resumes only with the backend that wrote it.")
+                   "onnxruntime InferenceSession (plain onnxruntime >= 1.11, any Python >= 3.8), numpy optimizer, "
+                   "BatchNorm and optimizers exactly as PyTorch. A checkpoint resumes only with the backend that "
+                   "wrote it.  [default: with --profile, the profile's (portable for plain onnxruntime builds); "
+                   "else ort-training]")
 @click.option("--profile", type=ProfileParam(as_string=True), default=None,
               help="Device profile, a name from `splitedge profiles list` or a profile file: execution providers "
                    "for the forward-only graph and for training, threads, default batch size.")
@@ -135,6 +137,10 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         latency_s = parse_duration(latency)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--latency") from None
+    if backend is None:  # the profile's, whose ONNX Runtime build decides what can train
+        from ..profiles import load as load_profile
+
+        backend = load_profile(profile).backend if profile is not None else "ort-training"
     if profile is not None:  # the profile's threads and batch size, unless given on the command line
         ctx = click.get_current_context()
         default = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)

@@ -803,7 +803,11 @@ def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
     if not cfg.profile:
         return (replace(cfg, batch_size=32) if cfg.batch_size is None else cfg), None
     from ..profiles import ProfileError, edge_settings
-    from .ort_backend import available_providers
+
+    if cfg.backend == "portable":  # plain onnxruntime: the training build's module may be absent
+        from .portable_backend import available_providers
+    else:
+        from .ort_backend import available_providers  # type: ignore[no-redef]
 
     try:
         s = edge_settings(cfg.profile, available_providers(), threads=cfg.threads, batch_size=cfg.batch_size,

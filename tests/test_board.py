@@ -80,3 +80,92 @@ def test_the_emulated_board_is_aarch64_and_flash_board_pairs_profiles_by_its_arc
         assert r.returncode == 0 and r.stdout.split(), r.stdout + r.stderr
     finally:
         _ssh(port, key, kh, f"rm -rf {remote}")
+
+
+VENV = "/root/splitedge-board-venv"  # Debian 12 refuses pip installs into the system Python (PEP 668)
+STEPS = 20
+
+
+@pytest.mark.board
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_flash_install_self_test_and_train_20_sgq_steps_on_the_emulated_board(emulated_board, exported, tmp_path):
+    """The whole path on aarch64: flash-board --install-deps with raspberry-pi-4's pinned stock wheels
+    (plain onnxruntime, no torch), the self-test on the board, then the installed release trains 20 real
+    Fashion-MNIST steps with SGQ against a cloud-serve on this machine, over tcp on loopback. The same
+    run with this machine's edge gives the range the board's losses must fall in."""
+    from helpers import REPO as repo
+    from splitedge.lab import launch
+
+    port, key = emulated_board
+    kh = tmp_path / "known_hosts"
+    art = exported("resnet18", 3, input_shape=(1, 28, 28))
+    remote = f"/root/splitedge-train-{uuid.uuid4().hex[:8]}"
+    r = _ssh(port, key, kh, f"test -x {VENV}/bin/python || python3 -m venv {VENV}")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = subprocess.run([bin_path("flash-board"), "--profile", "raspberry-pi-4", "--artifacts", str(art),
+                            "--host", "root@127.0.0.1", "--port", str(port), "--identity", key, "--known-hosts", str(kh),
+                            "--remote-dir", remote, "--remote-python", f"{VENV}/bin/python", "--install-deps",
+                            "--connect-timeout", "30", "--selftest-timeout", "900"],
+                           capture_output=True, text=True, timeout=2400)
+        out = r.stdout
+        assert r.returncode == 0, out + r.stderr
+        assert "PASS: " in out and "  activate " in out, out
+        # the board's environment holds neither torch nor ORT's training build, so no edge process there can
+        # import them: the self-test and the training below ran the portable backend on plain onnxruntime
+        r = _ssh(port, key, kh, f"uname -m; {VENV}/bin/python -m pip list --format=freeze --disable-pip-version-check")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split()
+        assert lines[0] == "aarch64"
+        names = {ln.split("==")[0].lower() for ln in lines[1:]}
+        assert "onnxruntime" in names and "torch" not in names and not any("training" in n for n in names), names
+
+        # Fashion-MNIST's training files go to the board (the edge reads them from disk there)
+        data = "/usr/share/datasets/fashion-mnist"
+        r = subprocess.run(["scp", "-P", str(port), "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                            "-o", f"UserKnownHostsFile={kh}", "-o", "LogLevel=ERROR",
+                            f"{data}/train-images-idx3-ubyte.gz", f"{data}/train-labels-idx1-ubyte.gz",
+                            f"{data}/t10k-images-idx3-ubyte.gz", f"{data}/t10k-labels-idx1-ubyte.gz",
+                            f"root@127.0.0.1:{remote}/"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+
+        common_cloud = ["--codec", "sgq", "--bits", "4", "--lr", "0.01", "--momentum", "0.9", "--threads", "1"]
+        edge_args = ["--steps", str(STEPS), "--batch-size", "32", "--eval-samples", "64", "--threads", "1",
+                     "--backend", "portable"]
+        # the host's run of the same configuration: the range the board's losses must fall in
+        host = launch.run(launch.RunSpec(workdir=tmp_path / "host", artifacts=art, num_clients=1,
+                                         cloud_args=common_cloud, edge_args=["--data", "fashion-mnist", *edge_args],
+                                         timeout_s=900))
+        host_losses = [e["loss"] for e in host.metrics() if e.get("event") == "step"]
+        assert len(host_losses) == STEPS
+
+        # the board's run: cloud-serve here, the installed release's run.sh there (its profile and artifacts)
+        ep_port = launch.free_port()
+        metrics = tmp_path / "board-metrics.jsonl"
+        cloud = subprocess.Popen(launch.script("cloud-serve") + [
+            "--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{ep_port}", "--metrics", str(metrics),
+            "--expect-clients", "1", "--exit-when-done", *common_cloud],
+            stdout=open(tmp_path / "cloud.log", "w"), stderr=subprocess.STDOUT, cwd=repo)
+        try:
+            r = _ssh(port, key, kh,
+                     f"cd {remote} && PYTHON={VENV}/bin/python ./current/run.sh train --connect tcp://127.0.0.1:{ep_port} "
+                     f"--data idx:{remote} --no-progress --summary {remote}/summary.json " + " ".join(edge_args),
+                     timeout=1800)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            assert cloud.wait(timeout=120) == 0, (tmp_path / "cloud.log").read_text()[-3000:]
+        finally:
+            if cloud.poll() is None:
+                cloud.kill()
+                cloud.wait()
+        steps = [e for e in launch.read_jsonl(metrics) if e.get("event") == "step"]
+        assert sorted(e["step"] for e in steps) == list(range(1, STEPS + 1)), steps
+        assert {e["client"] for e in steps} == {0}
+        board_losses = [e["loss"] for e in sorted(steps, key=lambda e: e["step"])]
+        lo, hi = min(host_losses), max(host_losses)
+        margin = 0.25 * (hi - lo)
+        assert all(lo - margin <= v <= hi + margin for v in board_losses), (board_losses, host_losses)
+        assert sum(board_losses[-5:]) < sum(board_losses[:5]), board_losses  # it learned there too
+        print(f"board losses {['%.3f' % v for v in board_losses]}; host {['%.3f' % v for v in host_losses]}")
+    finally:
+        _ssh(port, key, kh, f"rm -rf {remote}")

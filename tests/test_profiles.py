@@ -63,7 +63,11 @@ def test_every_shipped_profile_validates():
     assert P.load("jetson-nano").tensorrt == schema.TensorRTOptions(fp16=True, engine_cache=True,
                                                                      engine_cache_dir="trt-engines")
     assert P.load("atlas-200dk").forward == (CANN, CPU)
-    assert P.load("cpu").ort.requirements == ("onnxruntime-training-cpu==1.19.2", "torch==2.13.0")
+    # every shipped profile installs plain onnxruntime and trains with the portable backend: no torch,
+    # no onnxruntime-training on any board
+    assert P.load("cpu").ort.requirements == ("onnxruntime==1.19.2",)
+    assert {P.load(n).backend for n in SHIPPED} == {"portable"}
+    assert not any("torch" in r or "training" in r for n in SHIPPED for r in P.load(n).ort.requirements)
     # one pin for every aarch64 board: the newest onnxruntime that ran on the emulated board (and whose cp311
     # aarch64 wheel is tagged manylinux_2_27, for the Ubuntu 18.04 boards' glibc 2.27)
     assert {P.load(n).ort.version for n in SHIPPED if n != "cpu"} == {"1.27.0"}
