@@ -8,9 +8,10 @@ One step::
     codec.observe_gradient(g)                  # e.g. SGQ's channel attention learns from it
     model.train_step(x, g)                     # ORT backward from g, then SGD/AdamW
 
-Requests are retried with backoff on timeout under the same step id (the cloud
-applies a step at most once and answers a retry from its cache); while waiting,
-the edge sends PINGs so the cloud knows it is alive. If the cloud restarted and no
+Requests go through one :class:`splitedge.wire.channel.Channel`: each is numbered, retried
+with backoff on timeout under the same request id (the cloud applies a step at most once
+and answers a retry from its cache), and answered by the reply that names its id; while
+waiting, the channel sends PINGs so the cloud knows the edge is alive. If the cloud restarted and no
 longer knows this connection, the edge says HELLO again and continues from the
 step the cloud has applied.
 """
@@ -40,14 +41,13 @@ from ..wire import security
 from ..export import manifest as mf
 from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
                       load_json_object, probe_write)
+from ..wire.channel import Channel, ChannelError, RemoteError
 from ..wire.shaping import Link, LinkInterrupted
 from ..wire.transport import client_socket
 from . import data as D
 
 log = logging.getLogger("edge-train")
 
-RETRY_FIRST_S = 0.5  # first wait before asking the cloud again after an answer that allows no progress
-RETRY_MAX_S = 30.0  # longest such wait (doubling from RETRY_FIRST_S)
 
 
 class EdgeError(RuntimeError):
@@ -241,10 +241,12 @@ class EdgeClient:
         param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
         self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve,
                                 max_message_bytes=2 * max(act_bytes, param_bytes) + (1 << 20))
+        self.chan = Channel(self.ep, peer=cfg.connect, request_timeout_s=cfg.request_timeout_s,
+                            give_up_s=cfg.give_up_s, heartbeat_s=cfg.heartbeat_s, server_key=cfg.server_key,
+                            link=self.link, check_stop=self._check_stop, on_bytes=self._count_bytes)
         self.fwd_codec: Any = None
         self.settings: dict[str, Any] = {}
         self.fedavg_every = 0
-        self._eval_id = 0
         self.t_start = time.time()
         self.timings: dict[str, list[float]] = {k: [] for k in ("forward", "encode", "wait", "decode", "train")}
         self.last_loss = float("nan")
@@ -252,143 +254,43 @@ class EdgeClient:
         self.train_seen = 0
         self._welcomed = False  # set by the first WELCOME of this process
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next safe point
-        self._stuck_since: float | None = None  # first answer, since the last progress, that made the edge ask again
-        self._backoff = RETRY_FIRST_S
+
+    def _count_bytes(self, sent: int, received: int) -> None:
+        self.progress.bytes_sent += sent
+        self.progress.bytes_received += received
 
     # ------------------------------------------------------------------ requests
 
-    def _request(self, type_: P.MsgType, header: dict, frames: list, want: P.MsgType,
-                 match: tuple[str, Any] | None = None) -> P.Message:
-        """Sends, then waits for the reply of type ``want`` (and header[match[0]] == match[1]).
-
-        Retries with exponential backoff on timeout; PINGs while waiting; ERROR replies
-        raise :class:`RemoteError` for the caller to handle.
-        """
-        out = P.pack(type_, header, frames)
-        deadline = time.monotonic() + self.cfg.give_up_s
-        self.link.deadline = deadline
+    def _request(self, msg: P.Message, want: P.MsgType) -> P.Message:
+        """Sends request ``msg`` and returns its reply of type ``want`` (see :class:`Channel`); an ERROR
+        reply raises :class:`RemoteError` for the caller to handle."""
         try:
-            return self._exchange(type_, out, want, match, deadline)
-        except LinkInterrupted:
-            self._check_stop()
-            raise EdgeError(f"{type_.name} and its answer cannot cross the emulated link ({self.link.describe()}) "
-                            f"within --give-up {self.cfg.give_up_s:g}s") from None
-        finally:
-            self.link.deadline = None
+            return self.chan.request(msg, want)
+        except ChannelError as e:
+            raise EdgeError(str(e)) from None
 
-    def _exchange(self, type_: P.MsgType, out: list, want: P.MsgType, match: tuple[str, Any] | None,
-                  deadline: float) -> P.Message:
-        timeout = self.cfg.request_timeout_s
-        sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
-        self.progress.bytes_sent += sent or 0
-        sent_at = time.monotonic()
-        last_ping = started = sent_at
-        waiting_noted = type_ != P.MsgType.HELLO  # first contact: say early that nothing has answered yet
-        malformed: tuple[int, str] | None = None  # (count, last reason) of unparsable replies
-        while True:
-            self._check_stop()
-            now = time.monotonic()
-            failure = self.ep.handshake_failure()
-            if failure == "auth":
-                raise EdgeError(f"the cloud at {self.cfg.connect} refused this edge's CurveZMQ key: is its public key "
-                                "in the cloud's --authorized-clients directory, and --server-key the cloud's key?")
-            if failure == "protocol":
-                if self.cfg.server_key:
-                    raise EdgeError(f"the CurveZMQ handshake with {self.cfg.connect} failed: is --server-key "
-                                    f"{self.cfg.server_key} the public key of this cloud's --curve-secret, and does "
-                                    "the cloud use CurveZMQ at all (cloud-serve --curve-secret)?")
-                raise EdgeError(f"the handshake with {self.cfg.connect} failed: the cloud and this edge disagree on "
-                                "encryption (a cloud with --curve-secret needs edges with --curve-secret and "
-                                "--server-key, and the other way round)")
-            if now > deadline:
-                if malformed:
-                    raise EdgeError(f"the cloud at {self.cfg.connect} sent no valid answer to {type_.name} for "
-                                    f"{self.cfg.give_up_s:.0f}s but {malformed[0]} malformed message(s); the last: "
-                                    f"{malformed[1]}")
-                raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
-                                f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
-            if not waiting_noted and now - started > 5.0:
-                waiting_noted = True
-                log.warning("no answer from the cloud at %s yet: is cloud-serve running there, at that address? "
-                            "(waiting up to --give-up %.0fs)", self.cfg.connect, self.cfg.give_up_s)
-            if sent is None or now - sent_at > timeout:
-                if sent is not None:
-                    log.warning("no reply to %s from %s after %.1fs: retrying (same step id; giving up in %.0fs)",
-                                type_.name, self.cfg.connect, now - sent_at, deadline - now)
-                    timeout = min(timeout * 2, 60.0)
-                if sent is not None or now - sent_at > 0.1:
-                    sent = self.ep.try_send(out)
-                    self.progress.bytes_sent += sent or 0
-                    sent_at = now
-            if now - last_ping > self.cfg.heartbeat_s:
-                self.progress.bytes_sent += self.ep.try_send(P.pack(P.MsgType.PING, {"t": time.time()})) or 0
-                last_ping = now
-            got = self.ep.recv(timeout_ms=100)
-            if got is None:
-                continue
-            _, frames_in = got
-            self.progress.bytes_received += sum(len(f.buffer) for f in frames_in)
-            try:
-                msg = P.unpack(frames_in)
-            except P.ProtocolError as e:
-                log.warning("ignoring a malformed message from the cloud: %s", e)
-                malformed = (malformed[0] + 1 if malformed else 1, str(e)[:300])
-                continue
-            if msg.type == P.MsgType.PONG:
-                continue
-            if msg.type == P.MsgType.ERROR:
-                if msg.header.get("re") not in (None, type_.name):
-                    continue  # an answer to an earlier request (e.g. a retried TRAIN before a new HELLO)
-                err_step = msg.header.get("step")
-                if match and match[0] == "step" and err_step not in (None, match[1]):
-                    continue  # an error about an older retry
-                raise RemoteError(msg.header)
-            if msg.type == want and (match is None or msg.header.get(match[0]) == match[1]):
-                return msg
-            # a late duplicate reply to an earlier retry: drop it
-
-    def _retry_later(self, e: "RemoteError", what: str) -> None:
-        """Waits before asking the cloud again after answer ``e`` (server_full, unknown_client, a stale_step
-        naming no later step): with exponential backoff, woken by SIGINT/SIGTERM, and EdgeError once
-        --give-up seconds have passed since the last progress (a step, an evaluation, a FedAvg round)."""
-        now = time.monotonic()
-        if self._stuck_since is None:
-            self._stuck_since, self._backoff = now, RETRY_FIRST_S
-        waited = now - self._stuck_since
-        if waited + self._backoff > self.cfg.give_up_s:
-            raise EdgeError(f"{what} within --give-up {self.cfg.give_up_s:g}s: the cloud at {self.cfg.connect} "
-                            f"answered {e} to every request for {waited:.0f}s") from None
-        log.warning("%s: %s; asking again in %.1fs", what, e, self._backoff)
-        self._pause(self._backoff)
-        self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+    def _retry_later(self, e: RemoteError, what: str) -> None:
+        try:
+            self.chan.retry_later(e, what)
+        except ChannelError as e2:
+            raise EdgeError(str(e2)) from None
 
     def _progressed(self) -> None:
-        self._stuck_since = None
-
-    def _pause(self, seconds: float) -> None:
-        """Sleeps ``seconds``; SIGINT/SIGTERM end it at once (:class:`_Stop`)."""
-        end = time.monotonic() + seconds
-        while True:
-            self._check_stop()
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.1))
+        self.chan.progressed()
 
     def hello(self) -> None:
         m = self.manifest
-        header = {
-            "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "model": m.model, "cut": m.cut,
-            "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
-            "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
-            "planned_steps": self.planned_steps, "partition": self.partition_info,
+        req = P.hello(
+            client_id=self.cfg.client_id, num_clients=self.cfg.num_clients, model=m.model, cut=m.cut,
+            activation_shape=m.activation_shape, input_shape=m.input_shape, num_classes=m.num_classes,
+            samples=int(len(self.shard)), resume_step=self.progress.step, planned_steps=self.planned_steps,
+            partition=self.partition_info, client_files=self.client_files,
             # the cloud refuses a fresh run whose client id already has steps, before touching that id's state
-            "fresh": not self._welcomed and not self.cfg.resume,
-            "client_files": self.client_files,
-        }
+            fresh=not self._welcomed and not self.cfg.resume,
+        )
         while True:
             try:
-                msg = self._request(P.MsgType.HELLO, header, [], P.MsgType.WELCOME)
+                msg = self._request(req, P.MsgType.WELCOME)
                 break
             except RemoteError as e:
                 # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
@@ -515,7 +417,7 @@ class EdgeClient:
             # on an emulated link the BYE may take a second, no more (it would take minutes at a few bit/s)
             self.link.interrupt, self.link.deadline = None, time.monotonic() + 1.0
             try:
-                self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+                self.chan.send(P.bye(reason="interrupted", steps=p.step))
             except LinkInterrupted:
                 log.info("BYE not sent: it would take more than a second on the emulated link")
         self.ep.close(linger_ms=500)
@@ -530,12 +432,11 @@ class EdgeClient:
         t1 = time.perf_counter()
         blob = self._encode(act, f"training diverged at step {step}", round=step, total_rounds=self.planned_steps)
         t2 = time.perf_counter()
-        header = {"step": step, "n": int(x.shape[0]), "round": step, "total_rounds": self.planned_steps,
-                  "encode_ms": round((t2 - t1) * 1000, 3)}
+        req = P.train(step=step, n=int(x.shape[0]), total_rounds=self.planned_steps,
+                      encode_ms=round((t2 - t1) * 1000, 3), activation=blob, labels=y)
         while True:
             try:
-                msg = self._request(P.MsgType.TRAIN, header, [blob, P.array_frame(y, "int64")], P.MsgType.GRAD,
-                                    match=("step", step))
+                msg = self._request(req, P.MsgType.GRAD)
                 break
             except RemoteError as e:
                 if e.code == P.ErrorCode.UNKNOWN_CLIENT:
@@ -594,10 +495,7 @@ class EdgeClient:
         params = self.model.get_parameters()
         names = sorted(params)
         try:
-            msg = self._request(P.MsgType.WEIGHTS, {
-                "round": rnd, "samples": int(len(self.shard)), "names": names,
-                "shapes": [list(params[k].shape) for k in names],
-            }, [P.array_frame(params[k], "float32") for k in names], P.MsgType.WEIGHTS_AVG, match=("round", rnd))
+            msg = self._request(P.weights(rnd=rnd, samples=int(len(self.shard)), params=params), P.MsgType.WEIGHTS_AVG)
         except RemoteError as e:
             if e.code not in (P.ErrorCode.UNKNOWN_CLIENT, P.ErrorCode.UNEXPECTED):
                 raise EdgeError(f"FedAvg round {rnd} failed: {e}") from None
@@ -634,13 +532,10 @@ class EdgeClient:
             except ModelLoadError as e:
                 raise EdgeError(str(e)) from None
             blob = self._encode(act, f"training diverged by step {self.progress.step}", training=False)
-            self._eval_id += 1
+            req = P.eval_request(activation=blob, labels=y, n=int(len(x)))
             while True:
                 try:
-                    msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)),
-                                                         "has_labels": True},
-                                        [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
-                                        match=("eval_id", self._eval_id))
+                    msg = self._request(req, P.MsgType.EVAL_RESULT)
                     break
                 except RemoteError as e:  # e.g. timed out by the cloud during a long local step: HELLO again
                     if e.code != P.ErrorCode.UNKNOWN_CLIENT:
@@ -690,7 +585,7 @@ class EdgeClient:
     def _bye(self, reason: str) -> None:
         for again in (True, False):
             try:
-                self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
+                self._request(P.bye(reason=reason, steps=self.progress.step), P.MsgType.BYE_ACK)
                 return
             except RemoteError as e:
                 if again and e.code == P.ErrorCode.UNKNOWN_CLIENT:  # its session was closed (timed out): once more
@@ -899,16 +794,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class RemoteError(Exception):
-    """An ERROR from the cloud. Its code and message are the cloud's text: capped and with control
-    characters escaped (:func:`splitedge.wire.protocol.printable`) before they reach a log or a terminal."""
-
-    def __init__(self, header: dict):
-        self.header = header
-        self.code = header.get("code", "")
-        super().__init__(f"{P.printable(self.code, 64)}: {P.printable(header.get('message', ''), 1000)}")
 
 
 class _Bar:

@@ -179,13 +179,13 @@ def _send_known_activation(port: int, curve: security.CurveClient | None) -> byt
         security.apply_client(s, curve)
     s.connect(f"tcp://127.0.0.1:{port}")
     try:
-        s.send_multipart(P.pack(P.MsgType.HELLO, {
+        s.send_multipart(P.pack(P.MsgType.HELLO, {"id": 1,
             "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
             "input_shape": [1, 28, 28], "num_classes": 10, "samples": 4, "resume_step": 0, "planned_steps": 1}))
         assert P.unpack(s.recv_multipart()).type == P.MsgType.WELCOME
         act = np.random.default_rng(7).random((2, 64, 14, 14), dtype=np.float32) + 1.0
         payload = sc.get("fp32").encode(act)
-        s.send_multipart(P.pack(P.MsgType.TRAIN, {"step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0},
+        s.send_multipart(P.pack(P.MsgType.TRAIN, {"id": 2, "step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0},
                                 [payload, np.array([1, 2], np.int64).tobytes()]))
         assert P.unpack(s.recv_multipart()).type == P.MsgType.GRAD
         return payload
@@ -232,7 +232,7 @@ def _dealer(port: int, keys, client: int, identity: bytes) -> zmq.Socket:
 
 
 def _hello(s: zmq.Socket, client_id: int) -> P.Message:
-    s.send_multipart(P.pack(P.MsgType.HELLO, {
+    s.send_multipart(P.pack(P.MsgType.HELLO, {"id": 1,
         "client_id": client_id, "num_clients": 2, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
         "input_shape": [1, 28, 28], "num_classes": 10, "samples": 4, "resume_step": 0, "planned_steps": 1}))
     return P.unpack(s.recv_multipart())
@@ -256,7 +256,7 @@ def test_client_ids_are_bound_to_keys(art, keys, tmp_path):
 
         thief = _dealer(port, keys, 2, b"shared-identity")
         socks.append(thief)
-        thief.send_multipart(P.pack(P.MsgType.PING, {"t": 1.0}))
+        thief.send_multipart(P.pack(P.MsgType.PING, {"id": 1, "t": 1.0}))
         reply = P.unpack(thief.recv_multipart())
         assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN
         reply = _hello(thief, 1)
