@@ -162,7 +162,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         logging.getLogger("torch").setLevel(logging.WARNING)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        client = EdgeClient(cfg)
+        client = EdgeClient.prepare(cfg)
         for sig, handler in previous.items():
             if handler is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
                 signal.signal(sig, client.request_stop)

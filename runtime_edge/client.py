@@ -18,17 +18,12 @@ step the cloud has applied.
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import logging
-import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,200 +31,38 @@ import numpy as np
 import zmq
 
 from .. import codecs as sc
-from ..wire import protocol as P
-from ..wire import security
 from ..export import manifest as mf
-from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
-                      load_json_object, probe_write)
+from ..fsutil import atomic_write_json, is_int
+from ..wire import protocol as P
 from ..wire.channel import Channel, ChannelError, RemoteError
 from ..wire.shaping import Link, LinkInterrupted
 from ..wire.transport import client_socket
 from . import data as D
+from .errors import EdgeError, EdgeInputError, SummaryError
+from .prepare import EdgeConfig, Prepared, prepare as prepare_run
+from .resume import Progress, ResumeMismatch
+
+__all__ = ["EdgeClient", "EdgeConfig", "EdgeError", "EdgeInputError", "Interrupted", "Progress", "Prepared",
+           "RemoteError", "ResumeMismatch", "SummaryError"]
 
 log = logging.getLogger("edge-train")
 
 
-
-class EdgeError(RuntimeError):
-    """A failure the user must act on (cloud unreachable, incompatible artifacts, ...)."""
-
-
-class EdgeInputError(EdgeError):
-    """Bad input found before training starts (arguments, key files, output places that cannot be
-    written, data that does not fit the artifacts): nothing was trained or written. ``edge-train``
-    exits with code 2 on it."""
-
-
-class SummaryError(EdgeError):
-    """The run completed but --summary could not be written; ``summary`` holds what it would have held."""
-
-    def __init__(self, message: str, summary: dict[str, Any]):
-        super().__init__(message)
-        self.summary = summary
-
-
-@dataclass
-class EdgeConfig:
-    artifacts: str
-    connect: str = "tcp://127.0.0.1:5555"
-    data: str = "fashion-mnist"
-    client_id: int = 0
-    num_clients: int = 1
-    partition: str = "iid"
-    epochs: int | None = 1
-    steps: int | None = None
-    batch_size: int | None = 32  # None: the profile's batch size (32 without a profile)
-    eval_every: int = 0
-    eval_samples: int = 0  # 0: the whole test split
-    eval_batch_size: int = 256
-    summary: str | None = None
-    lr: float | None = None
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    resume: bool = False
-    threads: int | None = None
-    device: str = "cpu"
-    inference_providers: list[str] | None = None
-    inference_provider_options: list[dict] | None = None
-    request_timeout_s: float = 30.0
-    give_up_s: float = 300.0
-    heartbeat_s: float = 2.0
-    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
-    log_every: int = 50
-    profile: str | None = None  # a device profile's name or file: providers, device, threads, batch size
-    uplink_bps: float | None = None  # emulated access link (see splitedge.wire.shaping); None: unlimited
-    downlink_bps: float | None = None
-    latency_s: float = 0.0
-    curve_secret: str | None = None  # this edge's .key_secret (CurveZMQ)
-    server_key: str | None = None  # the cloud's public server.key
-    backend: str = "ort-training"  # "ort-training" (onnxruntime-training) or "portable" (plain ONNX graphs)
-
-
-@dataclass
-class Progress:
-    """What an edge checkpoint records besides the ORT checkpoint itself."""
-
-    step: int = 0  # train steps completed (== the last step id the cloud acknowledged)
-    epoch: int = 0
-    batch: int = 0  # next batch index within the epoch
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    samples: int = 0
-    evals: list[dict] = field(default_factory=list)
-
-
 class EdgeClient:
-    def __init__(self, cfg: EdgeConfig):
-        cfg, self.provider_choice = _apply_profile(cfg)
-        self.cfg = cfg
-        if cfg.num_clients < 1 or not 0 <= cfg.client_id < cfg.num_clients:
-            raise EdgeInputError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
-        # the cheap checks of the input first: before seconds of loading, and never after the training
-        curve = None
-        if cfg.curve_secret or cfg.server_key:
-            if not (cfg.curve_secret and cfg.server_key):
-                raise EdgeInputError("--curve-secret and --server-key go together")
-            try:
-                public, secret = security.load_keypair(cfg.curve_secret)
-            except security.KeyFileError as e:
-                raise EdgeInputError(f"--curve-secret: {e}") from None
-            try:
-                curve = security.CurveClient(public, secret, security.load_public(cfg.server_key))
-            except security.KeyFileError as e:
-                raise EdgeInputError(f"--server-key: {e}") from None
-        if cfg.checkpoint_dir:
-            _check_checkpoint_dir(Path(cfg.checkpoint_dir), cfg.resume)
-        if cfg.summary:
-            _check_summary_target(Path(cfg.summary))
-            _check_writable_dir(Path(cfg.summary).parent, f"--summary {cfg.summary}: its directory")
-        if cfg.backend == "portable":
-            from .portable_backend import CheckpointLoadError, EdgeModel
-        elif cfg.backend == "ort-training":
-            from .ort_backend import CheckpointLoadError, EdgeModel  # type: ignore[assignment]
-        else:
-            raise EdgeInputError(f"unknown edge backend {cfg.backend!r}; choose ort-training or portable")
+    """Trains the edge half of one prepared run against the cloud: ``EdgeClient.prepare(cfg).run()``."""
 
-        self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
-        self.progress = Progress()
-        ckpt_file = None
-        resumed_run: dict[str, Any] | None = None
-        latest = None
-        if cfg.resume:
-            if self.ckpt is None:
-                raise EdgeInputError("--resume needs --checkpoint-dir")
-            if not self.ckpt.root.is_dir():
-                raise EdgeInputError(
-                    f"--resume: --checkpoint-dir {self.ckpt.root} does not exist, so no run wrote there (a mistyped "
-                    "path?): give the directory of the run to continue, or leave out --resume to start a new run")
-            try:
-                latest = self.ckpt.latest()
-            except CheckpointDirError as e:
-                raise EdgeInputError(f"--resume: {e}") from None
-            if latest is None:
-                log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
-                            "starts from its initial weights", self.ckpt.root)
-            else:
-                ckpt_file = latest / "edge_checkpoint"
-                self.progress, resumed_run = _load_progress(latest / "edge_progress.json")
-                if resumed_run is not None:  # the artifacts must be the ones the checkpoint was trained from
-                    _check_resume(resumed_run, _artifacts_identity(mf.load(cfg.artifacts)), latest)
-                log.info("resuming from %s at step %d (epoch %d, batch %d)", latest, self.progress.step,
-                         self.progress.epoch, self.progress.batch)
-        try:
-            self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads,
-                                   lr=cfg.lr, inference_providers=cfg.inference_providers,
-                                   inference_provider_options=cfg.inference_provider_options)
-        except CheckpointLoadError as e:
-            assert latest is not None and self.ckpt is not None
-            earlier = sorted((p.name for p in self.ckpt.root.glob("ckpt-*") if p.is_dir() and p != latest),
-                             reverse=True)
-            hint = (f"resume from an earlier one by writing its name ({earlier[0]}) into {self.ckpt.root / 'LATEST'}, "
-                    if earlier else "")
-            raise EdgeInputError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
-                                 "--checkpoint-dir") from None
-        if ckpt_file is not None:
-            bad = [k for k, v in self.model.get_parameters().items() if not np.isfinite(v).all()]
-            if bad:  # every step from these would be NaN, and the cloud would refuse them one by one
-                raise EdgeInputError(f"--resume: {ckpt_file}: parameter {bad[0]} holds NaN or Inf (a damaged or "
-                                     "diverged checkpoint); resume from an earlier one or start fresh")
-        if latest is not None and self.ckpt is not None:
-            self.ckpt.adopt(latest)  # this run continues it: rotation may delete it once newer ones exist
-        self.manifest = self.model.manifest
+    def __init__(self, prep: Prepared):
+        cfg = self.cfg = prep.cfg
+        self.prep = prep
+        self.provider_choice = prep.provider_choice
+        self.ckpt = prep.ckpt
+        self.progress = prep.start.progress
+        self.model = prep.model
+        self.manifest = prep.manifest
         self.client_files = mf.client_digest(self.manifest)  # which export this edge half comes from (HELLO)
-        # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
-        size = {"image_size": tuple(self.manifest.input_shape[1:])} if len(self.manifest.input_shape) == 3 else {}
-        self.train_set = D.load(cfg.data, split="train", **size)
-        self.test_set = D.load(cfg.data, split="test", **size)
-        if tuple(self.train_set.input_shape) != tuple(self.manifest.input_shape):
-            raise EdgeInputError(
-                f"{cfg.data} has inputs {'x'.join(map(str, self.train_set.input_shape))} but the artifacts expect "
-                f"{'x'.join(map(str, self.manifest.input_shape))}: re-export with "
-                f"--input-shape {','.join(map(str, self.train_set.input_shape))}"
-            )
-        if self.train_set.num_classes > self.manifest.num_classes:
-            raise EdgeInputError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
-                            f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
-        try:
-            shards = D.partition_all(self.train_set.labels, cfg.num_clients, cfg.partition, cfg.seed)
-        except ValueError as e:
-            raise D.DatasetError(f"--partition {cfg.partition} of {cfg.data} over --num-clients {cfg.num_clients}: {e}") from None
-        self.shard = shards[cfg.client_id]
-        self.partition_info = D.partition_fingerprint(self.train_set.labels, shards, cfg.partition, cfg.seed)
-        if resumed_run is not None:  # the same shard, cut into batches the same way
-            _check_resume(resumed_run, self._run_identity(), latest)
-        self.batches_per_epoch = len(self.shard) // cfg.batch_size
-        if self.batches_per_epoch < 1:
-            raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
-                            f"of {cfg.batch_size}")
-        if latest is not None and self.progress.batch >= self.batches_per_epoch:
-            raise EdgeInputError(f"--resume: {latest / 'edge_progress.json'}: batch {self.progress.batch} is beyond "
-                                 f"the {self.batches_per_epoch} batches of an epoch (a damaged checkpoint directory)")
-        self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
-        if self.planned_steps > P.MAX_HEADER_INT - 1:  # step ids must stay protocol integers
-            raise EdgeInputError(f"{self.planned_steps} steps are more than the protocol counts "
-                                 f"({P.MAX_HEADER_INT - 1}): give fewer --epochs or --steps")
+        self.train_set, self.test_set, self.shard = prep.train_set, prep.test_set, prep.shard
+        self.partition_info = prep.partition_info
+        self.batches_per_epoch, self.planned_steps = prep.batches_per_epoch, prep.planned_steps
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
         # the emulated link's waits (hours per message at 1bit) end at SIGINT/SIGTERM and at --give-up
@@ -239,7 +72,7 @@ class EdgeClient:
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
         act_bytes = 4 * cfg.batch_size * int(np.prod(self.manifest.activation_shape))
         param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
-        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve,
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=prep.curve,
                                 max_message_bytes=2 * max(act_bytes, param_bytes) + (1 << 20))
         self.chan = Channel(self.ep, peer=cfg.connect, request_timeout_s=cfg.request_timeout_s,
                             give_up_s=cfg.give_up_s, heartbeat_s=cfg.heartbeat_s, server_key=cfg.server_key,
@@ -258,6 +91,12 @@ class EdgeClient:
     def _count_bytes(self, sent: int, received: int) -> None:
         self.progress.bytes_sent += sent
         self.progress.bytes_received += received
+
+    @classmethod
+    def prepare(cls, cfg: EdgeConfig) -> EdgeClient:
+        """Checks ``cfg``, loads the model, the data and any checkpoint to resume (:func:`.prepare.prepare`),
+        then opens the connection. Bad input raises :class:`EdgeInputError` before anything is sent."""
+        return cls(prepare_run(cfg))
 
     # ------------------------------------------------------------------ requests
 
@@ -312,18 +151,7 @@ class EdgeClient:
             log.warning("the cloud serves another export of %s cut %d (the client/ files of its artifacts differ from "
                         "--artifacts %s): fine if this edge half was re-exported on purpose; otherwise the two halves "
                         "do not start from one model", self.manifest.model, self.manifest.cut, self.cfg.artifacts)
-        first, self._welcomed = not self._welcomed, True
-        if first and not self.cfg.resume and h["last_step"] > 0:
-            # the skip below is for a run that continues (--resume after a crash, a HELLO again after the
-            # cloud restarted): a fresh run would skip batches it never trained and count the steps as its own.
-            # This cloud refuses such a HELLO itself (``fresh``); this check covers a cloud that predates it.
-            # Exit code 1, like the cloud's client_id_taken: a conflict with the cloud's state, found only once
-            # connected; the same arguments are fine against another cloud
-            raise EdgeError(
-                f"the cloud at {self.cfg.connect} has already applied {h['last_step']} steps from --client-id "
-                f"{self.cfg.client_id} (an earlier run with this id); this run without --resume would start from the "
-                "initial weights and skip them. Continue that run with --resume and its --checkpoint-dir, give this "
-                "run another --client-id, or start a fresh cloud-serve")
+        self._welcomed = True
         if h["last_step"] > self.progress.step:
             # the cloud applied steps this edge's checkpoint does not have: skip their batches, never re-send them
             skip = min(h["last_step"], self.planned_steps) - self.progress.step
@@ -618,11 +446,8 @@ class EdgeClient:
                       f"the previous one is intact ({previous.name})" if previous else "no checkpoint has been saved")
 
     def _run_identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it (see :func:`_check_resume`)."""
-        c = self.cfg
-        return {**_artifacts_identity(self.manifest), "client_id": c.client_id, "batch_size": c.batch_size,
-                "data": c.data, "partition": c.partition, "seed": c.seed, "num_clients": c.num_clients,
-                "partition_plan": self.partition_info["plan"]}
+        """What a checkpoint must share with the run that resumes it (see :func:`.resume.check_resume`)."""
+        return self.prep.run_identity()
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
         med = {f"{k}_ms_median": round(float(np.median(v)), 3) if v else None for k, v in self.timings.items()}
@@ -641,147 +466,6 @@ class EdgeClient:
             "profile": self.cfg.profile,
             "providers": self.provider_choice.sentence if self.provider_choice is not None else None,
         }
-
-
-def _check_writable_dir(d: Path, what: str) -> None:
-    """EdgeInputError naming ``what`` unless directory ``d`` can be written, or created (tried, not read off
-    permission bits, which say nothing to root): a probe file in ``d``, or a probe directory in its nearest
-    existing ancestor. Leaves nothing behind."""
-    target = d.absolute()
-    try:
-        while not target.exists() and target.parent != target:
-            if target.is_symlink():  # a dangling link: mkdir would fail on it
-                raise OSError(errno.ENOENT, "a symbolic link to nothing")
-            target = target.parent
-        if not target.is_dir():
-            raise OSError(errno.ENOTDIR, f"{target} is not a directory")
-        if target == d.absolute():
-            probe_write(target)
-        else:
-            os.rmdir(tempfile.mkdtemp(dir=target, prefix=".write-test-"))
-    except OSError as e:
-        raise EdgeInputError(f"{what} {d} cannot be created or written ({e.strerror or e})") from None
-
-
-def _check_summary_target(path: Path) -> None:
-    """--summary replaces an earlier summary, never another file (a mistyped path must not cost it)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    try:
-        old = load_json(path, max_bytes=1 << 20) if path.is_file() else None
-    except BadFile:
-        old = None
-    if not (isinstance(old, dict) and {"client_id", "final_accuracy", "steps"} <= old.keys()):
-        raise EdgeInputError(f"--summary {path} exists and is not an edge-train summary: refusing to overwrite it "
-                             "(choose another path, or remove it yourself)")
-
-
-def _check_checkpoint_dir(d: Path, resume: bool) -> None:
-    """A fresh run needs an empty (or new) --checkpoint-dir: its first checkpoint would point LATEST at
-    itself, and the run whose checkpoints are there could not --resume any more."""
-    if not resume and d.is_dir():
-        try:
-            held = sorted(p.name for p in d.iterdir())
-        except OSError as e:
-            raise EdgeInputError(f"--checkpoint-dir {d} cannot be read ({e.strerror or e})") from None
-        if held:
-            more = f" and {len(held) - 3} more" if len(held) > 3 else ""
-            raise EdgeInputError(
-                f"--checkpoint-dir {d} is not empty (it holds {', '.join(held[:3])}{more}): to continue the run "
-                "whose checkpoints these are, add --resume; to start a new run, give an empty or new directory")
-    _check_writable_dir(d, "--checkpoint-dir")
-
-
-def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
-    """--profile: its providers and training device, and its threads and batch size where the
-    config leaves them None (not given). Logs the choice once, in plain words."""
-    if not cfg.profile:
-        return (replace(cfg, batch_size=32) if cfg.batch_size is None else cfg), None
-    from ..profiles import ProfileError, edge_settings
-    from .ort_backend import available_providers
-
-    try:
-        s = edge_settings(cfg.profile, available_providers(), threads=cfg.threads, batch_size=cfg.batch_size,
-                          artifacts_dir=cfg.artifacts)
-    except ProfileError as e:
-        raise EdgeError(str(e)) from None
-    log.info("profile %s: %s", s.profile.name, s.sentence)
-    return replace(cfg, device=s.device, threads=s.threads, batch_size=s.batch_size,
-                   inference_providers=s.inference_providers,
-                   inference_provider_options=s.inference_provider_options), s.choice
-
-
-class ResumeMismatch(EdgeError):
-    """--resume with arguments or artifacts other than those the checkpoint was written with."""
-
-
-_RESUME_WHAT = {
-    "model": "--artifacts (model)", "cut": "--artifacts (cut)", "artifacts": "--artifacts (files)",
-    "client_id": "--client-id", "batch_size": "--batch-size", "data": "--data", "partition": "--partition",
-    "seed": "--seed", "num_clients": "--num-clients",
-}
-_PLAN = "partition_plan"  # a digest of the shard plan (data contents, --partition, --seed, --num-clients)
-_PLAN_INPUTS = ("data", "partition", "seed", "num_clients")  # named when the plan differs, not compared alone
-
-
-def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
-    files = hashlib.sha256(json.dumps(m.files, sort_keys=True).encode()).hexdigest()[:32]
-    return {"model": m.model, "cut": m.cut, "artifacts": files}
-
-
-def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> None:
-    """ResumeMismatch naming each setting in which ``now`` differs from the checkpoint's run ``saved``.
-
-    The shard plan decides whether the data settings match (``--data fashion-mnist`` and the same
-    directory spelled out are one plan); when it differs, the settings behind it are named."""
-    def shown(k: str) -> str:
-        return "--artifacts (their files differ)" if k == "artifacts" else \
-            f"{_RESUME_WHAT[k]} ({json.dumps(saved[k])} there, {json.dumps(now[k])} here)"
-
-    diff = [shown(k) for k in now if k in _RESUME_WHAT and k not in _PLAN_INPUTS and k in saved and saved[k] != now[k]]
-    if _PLAN in saved and _PLAN in now and saved[_PLAN] != now[_PLAN]:
-        named = [shown(k) for k in _PLAN_INPUTS if k in saved and k in now and saved[k] != now[k]]
-        if named:
-            diff += named
-        elif any(k in saved for k in _PLAN_INPUTS):
-            diff.append("data: the same --data, --partition, --seed and --num-clients split other samples (the data "
-                        "set's files changed)")
-        else:  # a checkpoint of an earlier version, which kept only the plan
-            diff.append("the data set, --partition, --seed or --num-clients")
-    if diff:
-        raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with a different "
-                             f"{'; '.join(diff)}; resume with the same arguments, or start fresh with another "
-                             "--checkpoint-dir")
-
-
-
-def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
-    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints).
-    EdgeInputError naming the file and the field unless each has its type and range."""
-    try:
-        raw = load_json_object(path)
-    except BadFile as e:
-        raise EdgeInputError(f"--resume: {e} (a damaged checkpoint directory)") from None
-
-    def bad(why: str) -> EdgeInputError:
-        return EdgeInputError(f"--resume: {path}: {why} (a damaged checkpoint directory)")
-
-    counts = {}
-    for f in fields(Progress):
-        if f.name == "evals" or f.name not in raw:
-            continue
-        v = raw[f.name]
-        if not is_int(v):
-            raise bad(f"{f.name} is {json.dumps(v)[:40]}, not an integer in 0..{MAX_INT}")
-        counts[f.name] = v
-    evals = raw.get("evals", [])
-    if not (isinstance(evals, list) and all(isinstance(e, dict) for e in evals)):
-        raise bad("evals is not a list of objects")
-    run = raw.get("run")
-    if run is not None and not (isinstance(run, dict) and all(
-            v is None or isinstance(v, (str, int, float)) for v in run.values())):
-        raise bad("run is not an object of plain values")
-    return Progress(**counts, evals=list(evals)), run
 
 
 class _Stop(Exception):
