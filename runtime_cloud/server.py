@@ -84,7 +84,7 @@ class Session:
     samples: int = 0
     last_step: int = 0
     steps: int = 0
-    cached: tuple[int, list[bytes]] | None = None  # (step, reply frames)
+    cached: tuple[int, P.Message] | None = None  # (step, its GRAD), sent again to a retry of that step
     last_seen: float = field(default_factory=time.monotonic)
     done: bool = False
     timed_out: bool = False
@@ -92,6 +92,7 @@ class Session:
     planned_steps: int = P.MAX_HEADER_INT - 1  # HELLO's: no step id beyond it is accepted
     errors: deque = field(default_factory=deque)  # times of recent bad messages
     fedavg_round: int = 0  # the last FedAvg round this client sent weights for
+    weights_id: int | None = None  # the request id of those WEIGHTS (its WEIGHTS_AVG answers it)
     bytes_in: int = 0
     bytes_out: int = 0
     key: str | None = None  # the edge's CurveZMQ public key (Z85) when CURVE is on
@@ -348,9 +349,9 @@ class CloudServer:
                         session.client_id)
             self.metrics.write("error", client=None, code=P.ErrorCode.CLIENT_ID_TAKEN, step=None,
                                message=f"routing identity of client {session.client_id} used with another key")
-            self._send_raw(identity, P.MsgType.ERROR, {
-                "code": P.ErrorCode.CLIENT_ID_TAKEN, "re": None, "step": None,
-                "message": "this connection's identity belongs to another edge's key; reconnect with a new identity"})
+            self._send_raw(identity, P.error(
+                None, code=P.ErrorCode.CLIENT_ID_TAKEN, step=None,
+                message="this connection's identity belongs to another edge's key; reconnect with a new identity"))
             return
         self._current_key = key
         if session is not None and session.active:
@@ -363,8 +364,19 @@ class CloudServer:
             if handler is None:
                 raise P.ProtocolError(f"{msg.type.name} is not a message the cloud accepts", P.ErrorCode.UNEXPECTED)
             handler(self, identity, msg)
+        except P.VersionError as e:
+            # said in the peer's own version where this side knows its ERROR, so an older edge can tell why
+            old = P.pack_version_error(e.version, f"this cloud speaks splitedge protocol version "
+                                       f"{P.PROTOCOL_VERSION}, the message is version {e.version}: run one "
+                                       "splitedge release on both sides")
+            if old is None:
+                self._reject(identity, e.code, str(e), None)
+            else:
+                self.errors_total += 1
+                log.warning("refused a message of protocol version %d from %r", e.version, identity[:16])
+                self.ep.send(old, identity)
         except P.ProtocolError as e:
-            self._reject(identity, e.code, str(e), msg)
+            self._reject(identity, e.code, str(e), msg, reply_to=e.reply_to)
         except sc.PayloadError as e:
             self._reject(identity, P.ErrorCode.BAD_PAYLOAD, f"payload does not decode: {e}", msg)
         except Exception as e:  # noqa: BLE001 - one bad message must never stop the server
@@ -374,7 +386,8 @@ class CloudServer:
         if session is not None and session.active:  # the time the server took over its message is not its silence
             session.last_seen = time.monotonic()
 
-    def _reject(self, identity: bytes, code: str, message: str, msg: P.Message | None, **extra: Any) -> None:
+    def _reject(self, identity: bytes, code: str, message: str, msg: P.Message | None, *,
+                reply_to: int | None = None, **extra: Any) -> None:
         self.errors_total += 1
         session = self.sessions.get(identity)
         cid = session.client_id if session else None
@@ -387,8 +400,9 @@ class CloudServer:
             step = None
         log.warning("error to client %s: %s: %s", cid if cid is not None else repr(identity[:16]), code, message)
         self.metrics.write("error", client=cid, code=code, message=message[:500], step=step)
-        re = msg.type.name if msg is not None else None  # which request this answers
-        self._send(identity, P.MsgType.ERROR, {"code": code, "message": message, "re": re, "step": step, **extra})
+        if msg is not None:  # which request this answers
+            reply_to = msg.header.get("id")
+        self._send(identity, P.error(reply_to, code=code, message=message, step=step, **extra))
         if session is not None and code not in (P.ErrorCode.STALE_STEP,):
             now = time.monotonic()
             session.errors.append(now)
@@ -398,8 +412,8 @@ class CloudServer:
                 log.warning("client %d sent %d bad messages within %.0fs: disconnected", session.client_id,
                             len(session.errors), self.cfg.error_window_s)
                 self.metrics.write("client_dropped", client=session.client_id, errors=len(session.errors))
-                self._send(identity, P.MsgType.ERROR, {"code": P.ErrorCode.TOO_MANY_ERRORS,
-                                                       "message": "too many bad messages; say HELLO again"})
+                self._send(identity, P.error(reply_to, code=P.ErrorCode.TOO_MANY_ERRORS,
+                                             message="too many bad messages; say HELLO again"))
                 self._forget(session)
 
     @staticmethod
@@ -419,11 +433,11 @@ class CloudServer:
         except (AttributeError, zmq.ZMQError, UnicodeDecodeError):
             return None
 
-    def _send_raw(self, identity: bytes, type_: P.MsgType, header: dict) -> None:
-        self.ep.send(P.pack(type_, header, None), identity)
+    def _send_raw(self, identity: bytes, msg: P.Message) -> None:
+        self.ep.send(P.pack_message(msg), identity)
 
-    def _send(self, identity: bytes, type_: P.MsgType, header: dict, frames: list | None = None) -> list:
-        out = P.pack(type_, header, frames)
+    def _send(self, identity: bytes, msg: P.Message) -> list:
+        out = P.pack_message(msg)
         n = self.ep.send(out, identity)
         s = self.sessions.get(identity)
         if s is not None:
@@ -506,10 +520,9 @@ class CloudServer:
                         "from these artifacts'): fine if it was re-exported on purpose; otherwise the two halves do "
                         "not start from one model", cid, m.model, m.cut)
             self.metrics.write("artifacts_differ", client=cid)
-        self._send(identity, P.MsgType.WELCOME, {
-            "session": self.session_id, **self.codec_settings(), "fedavg_every": self.cfg.fedavg_every,
-            "last_step": s.last_step, "server_step": self.server_step, "client_files": self.client_files,
-        })
+        self._send(identity, P.welcome(
+            h["id"], session=self.session_id, **self.codec_settings(), fedavg_every=self.cfg.fedavg_every,
+            last_step=s.last_step, server_step=self.server_step, client_files=self.client_files))
 
     def _check_partition(self, cid: int, info: Any) -> None:
         """Edges that partition the same data with the same scheme and seed must agree on the shards
@@ -566,8 +579,7 @@ class CloudServer:
         if s.cached is not None and step == s.cached[0]:
             log.info("client %d retried step %d: answering from cache", s.client_id, step)
             self.metrics.write("retry", client=s.client_id, step=step)
-            n = self.ep.send(s.cached[1], identity)
-            s.bytes_out += n
+            s.bytes_out += self.ep.send(P.pack_message(_answering(s.cached[1], h["id"])), identity)
             return
         if step <= s.last_step:
             self._stale(identity, s, msg)
@@ -599,16 +611,16 @@ class CloudServer:
             "decode_ms": round((t1 - t0) * 1000, 3), "compute_ms": round((t2 - t1) * 1000, 3),
             "backward_ms": round((t3 - t2) * 1000, 3), "encode_ms": round((t4 - t3) * 1000, 3),
         }
-        out = P.pack(P.MsgType.GRAD, {
-            "step": step, "loss": res.loss, "correct": res.correct, "fedavg_round": fed_round, "timings": timings,
-        }, [blob])
-        s.cached = (step, [bytes(f) for f in out])
+        reply = P.grad(h["id"], step=step, loss=res.loss, correct=res.correct, fedavg_round=fed_round,
+                       timings=timings, gradient=blob)
+        out = P.pack_message(reply)
+        s.cached = (step, reply)
         # the step's event is written before its GRAD leaves: a process killed in between leaves a
         # recorded step whose reply was lost (the edge retries it), never an acknowledged unrecorded one
         self.metrics.write(
             "step", client=s.client_id, step=step, server_step=self.server_step, session=self.session_id, n=h["n"],
             loss=round(res.loss, 6),
-            correct=res.correct, bytes_in=nbytes, bytes_out=sum(len(f) for f in s.cached[1]),
+            correct=res.correct, bytes_in=nbytes, bytes_out=sum(frame_len(f) for f in out),
             payload_in=frame_len(msg.frames[0]), payload_out=len(blob), shape=list(act.shape),
             edge_encode_ms=h["encode_ms"], **timings,
         )
@@ -637,8 +649,7 @@ class CloudServer:
         if labels is not None:
             self.metrics.write("eval", client=s.client_id, step=s.last_step, n=h["n"],
                                correct=int((np.asarray(pred) == np.asarray(labels)).sum()), loss_sum=round(loss_sum, 6))
-        self._send(identity, P.MsgType.EVAL_RESULT, {"eval_id": h["eval_id"], "n": h["n"], "loss_sum": loss_sum},
-                   [P.array_frame(pred, "int64")])
+        self._send(identity, P.eval_result(h["id"], n=h["n"], loss_sum=loss_sum, predictions=pred))
 
     def _on_weights(self, identity: bytes, msg: P.Message) -> None:
         s = self._session(identity)
@@ -667,6 +678,7 @@ class CloudServer:
         self.pending.setdefault(h["round"], {})[s.client_id] = (weights, max(1, h["samples"]))
         self.pending_since.setdefault(h["round"], time.monotonic())
         s.fedavg_round = max(s.fedavg_round, h["round"])
+        s.weights_id = h["id"]
         self._complete_rounds()
 
     def _complete_rounds(self) -> None:
@@ -692,11 +704,9 @@ class CloudServer:
             avg = {k: sum(w[k].astype(np.float64) * (n / total) for w, n in got.values()).astype(np.float32) for k in names}
             for cid in got:
                 x = self.by_client.get(cid)
-                if x is None:
+                if x is None or x.weights_id is None:  # gone, or back with a new session that sent no weights
                     continue
-                self._send(x.identity, P.MsgType.WEIGHTS_AVG, {
-                    "round": rnd, "names": names, "shapes": [list(avg[k].shape) for k in names], "clients": len(got),
-                }, [P.array_frame(avg[k], "float32") for k in names])
+                self._send(x.identity, P.weights_avg(x.weights_id, rnd=rnd, params=avg, clients=len(got)))
             log.info("FedAvg round %d over clients %s", rnd, sorted(got))
             self.metrics.write("fedavg", round=rnd, clients=sorted(got), samples=total)
             del self.pending[rnd]
@@ -705,7 +715,7 @@ class CloudServer:
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         old = self.sessions.get(identity)
         if old is not None and old.done and msg.header["reason"] != "interrupted":
-            self._send(identity, P.MsgType.BYE_ACK, {})  # a retried BYE whose BYE_ACK was lost
+            self._send(identity, P.bye_ack(msg.header["id"]))  # a retried BYE whose BYE_ACK was lost
             return
         s = self._session(identity)
         if msg.header["reason"] == "interrupted":
@@ -723,11 +733,11 @@ class CloudServer:
         log.info("client %d finished after %d steps (%s)", s.client_id, msg.header["steps"], msg.header["reason"])
         self.metrics.write("client_done", client=s.client_id, steps=msg.header["steps"], applied=s.last_step,
                            reason=msg.header["reason"], bytes_in=s.bytes_in, bytes_out=s.bytes_out)
-        self._send(identity, P.MsgType.BYE_ACK, {})
+        self._send(identity, P.bye_ack(msg.header["id"]))
         self._complete_rounds()
 
     def _on_ping(self, identity: bytes, msg: P.Message) -> None:
-        self._send(identity, P.MsgType.PONG, {"t": msg.header["t"]})
+        self._send(identity, P.pong(msg.header["id"], t=msg.header["t"]))
 
     _handlers = {
         P.MsgType.HELLO: _on_hello,
@@ -870,3 +880,8 @@ def serve(cfg: ServeConfig) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     server = CloudServer(cfg)
     return server.run()
+
+
+def _answering(reply: P.Message, request_id: int) -> P.Message:
+    """``reply`` as the answer to request ``request_id`` (a cached reply sent again to a retry)."""
+    return P.Message(reply.type, {**reply.header, "reply_to": request_id}, reply.frames)

@@ -75,7 +75,7 @@ PARTITION = Checked(parse_scheme, "iid|dirichlet:ALPHA")
               help="Device profile, a name from `splitedge profiles list` or a profile file: execution providers "
                    "for the forward-only graph and for training, threads, default batch size.")
 @click.option("--timeout", "request_timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
-              help="Seconds before a request is retried (with backoff, same step id).")
+              help="Seconds before a request is retried (with backoff, same request id).")
 @click.option("--give-up", type=FiniteFloat(min=1), default=300.0, show_default=True,
               help="Seconds without progress after which edge-train stops with an error: no answer, no place on "
                    "a full cloud, answers that make it ask again (retried with backoff), or a message that cannot "
@@ -168,7 +168,7 @@ def main(artifacts, connect, data, client_id, num_clients, partition, epochs, st
         logging.getLogger("torch").setLevel(logging.WARNING)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        client = EdgeClient(cfg)
+        client = EdgeClient.prepare(cfg)
         for sig, handler in previous.items():
             if handler is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
                 signal.signal(sig, client.request_stop)

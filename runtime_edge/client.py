@@ -8,26 +8,22 @@ One step::
     codec.observe_gradient(g)                  # e.g. SGQ's channel attention learns from it
     model.train_step(x, g)                     # ORT backward from g, then SGD/AdamW
 
-Requests are retried with backoff on timeout under the same step id (the cloud
-applies a step at most once and answers a retry from its cache); while waiting,
-the edge sends PINGs so the cloud knows it is alive. If the cloud restarted and no
+Requests go through one :class:`splitedge.wire.channel.Channel`: each is numbered, retried
+with backoff on timeout under the same request id (the cloud applies a step at most once
+and answers a retry from its cache), and answered by the reply that names its id; while
+waiting, the channel sends PINGs so the cloud knows the edge is alive. If the cloud restarted and no
 longer knows this connection, the edge says HELLO again and continues from the
 step the cloud has applied.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import logging
-import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,201 +31,38 @@ import numpy as np
 import zmq
 
 from .. import codecs as sc
-from ..wire import protocol as P
-from ..wire import security
 from ..export import manifest as mf
-from ..fsutil import (MAX_INT, BadFile, CheckpointDir, CheckpointDirError, atomic_write_json, is_int, load_json,
-                      load_json_object, probe_write)
+from ..fsutil import atomic_write_json, is_int
+from ..wire import protocol as P
+from ..wire.channel import Channel, ChannelError, RemoteError
 from ..wire.shaping import Link, LinkInterrupted
 from ..wire.transport import client_socket
 from . import data as D
+from .errors import EdgeError, EdgeInputError, SummaryError
+from .prepare import EdgeConfig, Prepared, prepare as prepare_run
+from .resume import Progress, ResumeMismatch
+
+__all__ = ["EdgeClient", "EdgeConfig", "EdgeError", "EdgeInputError", "Interrupted", "Progress", "Prepared",
+           "RemoteError", "ResumeMismatch", "SummaryError"]
 
 log = logging.getLogger("edge-train")
 
-RETRY_FIRST_S = 0.5  # first wait before asking the cloud again after an answer that allows no progress
-RETRY_MAX_S = 30.0  # longest such wait (doubling from RETRY_FIRST_S)
-
-
-class EdgeError(RuntimeError):
-    """A failure the user must act on (cloud unreachable, incompatible artifacts, ...)."""
-
-
-class EdgeInputError(EdgeError):
-    """Bad input found before training starts (arguments, key files, output places that cannot be
-    written, data that does not fit the artifacts): nothing was trained or written. ``edge-train``
-    exits with code 2 on it."""
-
-
-class SummaryError(EdgeError):
-    """The run completed but --summary could not be written; ``summary`` holds what it would have held."""
-
-    def __init__(self, message: str, summary: dict[str, Any]):
-        super().__init__(message)
-        self.summary = summary
-
-
-@dataclass
-class EdgeConfig:
-    artifacts: str
-    connect: str = "tcp://127.0.0.1:5555"
-    data: str = "fashion-mnist"
-    client_id: int = 0
-    num_clients: int = 1
-    partition: str = "iid"
-    epochs: int | None = 1
-    steps: int | None = None
-    batch_size: int | None = 32  # None: the profile's batch size (32 without a profile)
-    eval_every: int = 0
-    eval_samples: int = 0  # 0: the whole test split
-    eval_batch_size: int = 256
-    summary: str | None = None
-    lr: float | None = None
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    resume: bool = False
-    threads: int | None = None
-    device: str = "cpu"
-    inference_providers: list[str] | None = None
-    inference_provider_options: list[dict] | None = None
-    request_timeout_s: float = 30.0
-    give_up_s: float = 300.0
-    heartbeat_s: float = 2.0
-    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
-    log_every: int = 50
-    profile: str | None = None  # a device profile's name or file: providers, device, threads, batch size
-    uplink_bps: float | None = None  # emulated access link (see splitedge.wire.shaping); None: unlimited
-    downlink_bps: float | None = None
-    latency_s: float = 0.0
-    curve_secret: str | None = None  # this edge's .key_secret (CurveZMQ)
-    server_key: str | None = None  # the cloud's public server.key
-    backend: str = "ort-training"  # "ort-training" (onnxruntime-training) or "portable" (plain ONNX graphs)
-
-
-@dataclass
-class Progress:
-    """What an edge checkpoint records besides the ORT checkpoint itself."""
-
-    step: int = 0  # train steps completed (== the last step id the cloud acknowledged)
-    epoch: int = 0
-    batch: int = 0  # next batch index within the epoch
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    samples: int = 0
-    evals: list[dict] = field(default_factory=list)
-
 
 class EdgeClient:
-    def __init__(self, cfg: EdgeConfig):
-        cfg, self.provider_choice = _apply_profile(cfg)
-        self.cfg = cfg
-        if cfg.num_clients < 1 or not 0 <= cfg.client_id < cfg.num_clients:
-            raise EdgeInputError(f"--client-id must be in 0..{cfg.num_clients - 1}, got {cfg.client_id}")
-        # the cheap checks of the input first: before seconds of loading, and never after the training
-        curve = None
-        if cfg.curve_secret or cfg.server_key:
-            if not (cfg.curve_secret and cfg.server_key):
-                raise EdgeInputError("--curve-secret and --server-key go together")
-            try:
-                public, secret = security.load_keypair(cfg.curve_secret)
-            except security.KeyFileError as e:
-                raise EdgeInputError(f"--curve-secret: {e}") from None
-            try:
-                curve = security.CurveClient(public, secret, security.load_public(cfg.server_key))
-            except security.KeyFileError as e:
-                raise EdgeInputError(f"--server-key: {e}") from None
-        if cfg.checkpoint_dir:
-            _check_checkpoint_dir(Path(cfg.checkpoint_dir), cfg.resume)
-        if cfg.summary:
-            _check_summary_target(Path(cfg.summary))
-            _check_writable_dir(Path(cfg.summary).parent, f"--summary {cfg.summary}: its directory")
-        if cfg.backend == "portable":
-            from .portable_backend import CheckpointLoadError, EdgeModel
-        elif cfg.backend == "ort-training":
-            from .ort_backend import CheckpointLoadError, EdgeModel  # type: ignore[assignment]
-        else:
-            raise EdgeInputError(f"unknown edge backend {cfg.backend!r}; choose ort-training or portable")
+    """Trains the edge half of one prepared run against the cloud: ``EdgeClient.prepare(cfg).run()``."""
 
-        self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
-        self.progress = Progress()
-        ckpt_file = None
-        resumed_run: dict[str, Any] | None = None
-        latest = None
-        if cfg.resume:
-            if self.ckpt is None:
-                raise EdgeInputError("--resume needs --checkpoint-dir")
-            if not self.ckpt.root.is_dir():
-                raise EdgeInputError(
-                    f"--resume: --checkpoint-dir {self.ckpt.root} does not exist, so no run wrote there (a mistyped "
-                    "path?): give the directory of the run to continue, or leave out --resume to start a new run")
-            try:
-                latest = self.ckpt.latest()
-            except CheckpointDirError as e:
-                raise EdgeInputError(f"--resume: {e}") from None
-            if latest is None:
-                log.warning("--resume: %s holds no checkpoint yet (its run stopped before the first one): the edge "
-                            "starts from its initial weights", self.ckpt.root)
-            else:
-                ckpt_file = latest / "edge_checkpoint"
-                self.progress, resumed_run = _load_progress(latest / "edge_progress.json")
-                if resumed_run is not None:  # the artifacts must be the ones the checkpoint was trained from
-                    _check_resume(resumed_run, _artifacts_identity(mf.load(cfg.artifacts)), latest)
-                log.info("resuming from %s at step %d (epoch %d, batch %d)", latest, self.progress.step,
-                         self.progress.epoch, self.progress.batch)
-        try:
-            self.model = EdgeModel(cfg.artifacts, checkpoint=ckpt_file, device=cfg.device, threads=cfg.threads,
-                                   lr=cfg.lr, inference_providers=cfg.inference_providers,
-                                   inference_provider_options=cfg.inference_provider_options)
-        except CheckpointLoadError as e:
-            assert latest is not None and self.ckpt is not None
-            earlier = sorted((p.name for p in self.ckpt.root.glob("ckpt-*") if p.is_dir() and p != latest),
-                             reverse=True)
-            hint = (f"resume from an earlier one by writing its name ({earlier[0]}) into {self.ckpt.root / 'LATEST'}, "
-                    if earlier else "")
-            raise EdgeInputError(f"--resume: {e}: the checkpoint is damaged; {hint}or start fresh with an empty "
-                                 "--checkpoint-dir") from None
-        if ckpt_file is not None:
-            bad = [k for k, v in self.model.get_parameters().items() if not np.isfinite(v).all()]
-            if bad:  # every step from these would be NaN, and the cloud would refuse them one by one
-                raise EdgeInputError(f"--resume: {ckpt_file}: parameter {bad[0]} holds NaN or Inf (a damaged or "
-                                     "diverged checkpoint); resume from an earlier one or start fresh")
-        if latest is not None and self.ckpt is not None:
-            self.ckpt.adopt(latest)  # this run continues it: rotation may delete it once newer ones exist
-        self.manifest = self.model.manifest
+    def __init__(self, prep: Prepared):
+        cfg = self.cfg = prep.cfg
+        self.prep = prep
+        self.provider_choice = prep.provider_choice
+        self.ckpt = prep.ckpt
+        self.progress = prep.start.progress
+        self.model = prep.model
+        self.manifest = prep.manifest
         self.client_files = mf.client_digest(self.manifest)  # which export this edge half comes from (HELLO)
-        # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
-        size = {"image_size": tuple(self.manifest.input_shape[1:])} if len(self.manifest.input_shape) == 3 else {}
-        self.train_set = D.load(cfg.data, split="train", **size)
-        self.test_set = D.load(cfg.data, split="test", **size)
-        if tuple(self.train_set.input_shape) != tuple(self.manifest.input_shape):
-            raise EdgeInputError(
-                f"{cfg.data} has inputs {'x'.join(map(str, self.train_set.input_shape))} but the artifacts expect "
-                f"{'x'.join(map(str, self.manifest.input_shape))}: re-export with "
-                f"--input-shape {','.join(map(str, self.train_set.input_shape))}"
-            )
-        if self.train_set.num_classes > self.manifest.num_classes:
-            raise EdgeInputError(f"{cfg.data} has {self.train_set.num_classes} classes but the artifacts' head has "
-                            f"{self.manifest.num_classes}: re-export with --num-classes {self.train_set.num_classes}")
-        try:
-            shards = D.partition_all(self.train_set.labels, cfg.num_clients, cfg.partition, cfg.seed)
-        except ValueError as e:
-            raise D.DatasetError(f"--partition {cfg.partition} of {cfg.data} over --num-clients {cfg.num_clients}: {e}") from None
-        self.shard = shards[cfg.client_id]
-        self.partition_info = D.partition_fingerprint(self.train_set.labels, shards, cfg.partition, cfg.seed)
-        if resumed_run is not None:  # the same shard, cut into batches the same way
-            _check_resume(resumed_run, self._run_identity(), latest)
-        self.batches_per_epoch = len(self.shard) // cfg.batch_size
-        if self.batches_per_epoch < 1:
-            raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(self.shard)} samples, fewer than one batch "
-                            f"of {cfg.batch_size}")
-        if latest is not None and self.progress.batch >= self.batches_per_epoch:
-            raise EdgeInputError(f"--resume: {latest / 'edge_progress.json'}: batch {self.progress.batch} is beyond "
-                                 f"the {self.batches_per_epoch} batches of an epoch (a damaged checkpoint directory)")
-        self.planned_steps = cfg.steps if cfg.steps else (cfg.epochs or 1) * self.batches_per_epoch
-        if self.planned_steps > P.MAX_HEADER_INT - 1:  # step ids must stay protocol integers
-            raise EdgeInputError(f"{self.planned_steps} steps are more than the protocol counts "
-                                 f"({P.MAX_HEADER_INT - 1}): give fewer --epochs or --steps")
+        self.train_set, self.test_set, self.shard = prep.train_set, prep.test_set, prep.shard
+        self.partition_info = prep.partition_info
+        self.batches_per_epoch, self.planned_steps = prep.batches_per_epoch, prep.planned_steps
         self.ctx = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
         # the emulated link's waits (hours per message at 1bit) end at SIGINT/SIGTERM and at --give-up
@@ -239,12 +72,14 @@ class EdgeClient:
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
         act_bytes = 4 * cfg.batch_size * int(np.prod(self.manifest.activation_shape))
         param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
-        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=curve,
+        self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=prep.curve,
                                 max_message_bytes=2 * max(act_bytes, param_bytes) + (1 << 20))
+        self.chan = Channel(self.ep, peer=cfg.connect, request_timeout_s=cfg.request_timeout_s,
+                            give_up_s=cfg.give_up_s, heartbeat_s=cfg.heartbeat_s, server_key=cfg.server_key,
+                            link=self.link, check_stop=self._check_stop, on_bytes=self._count_bytes)
         self.fwd_codec: Any = None
         self.settings: dict[str, Any] = {}
         self.fedavg_every = 0
-        self._eval_id = 0
         self.t_start = time.time()
         self.timings: dict[str, list[float]] = {k: [] for k in ("forward", "encode", "wait", "decode", "train")}
         self.last_loss = float("nan")
@@ -252,143 +87,49 @@ class EdgeClient:
         self.train_seen = 0
         self._welcomed = False  # set by the first WELCOME of this process
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next safe point
-        self._stuck_since: float | None = None  # first answer, since the last progress, that made the edge ask again
-        self._backoff = RETRY_FIRST_S
+
+    def _count_bytes(self, sent: int, received: int) -> None:
+        self.progress.bytes_sent += sent
+        self.progress.bytes_received += received
+
+    @classmethod
+    def prepare(cls, cfg: EdgeConfig) -> EdgeClient:
+        """Checks ``cfg``, loads the model, the data and any checkpoint to resume (:func:`.prepare.prepare`),
+        then opens the connection. Bad input raises :class:`EdgeInputError` before anything is sent."""
+        return cls(prepare_run(cfg))
 
     # ------------------------------------------------------------------ requests
 
-    def _request(self, type_: P.MsgType, header: dict, frames: list, want: P.MsgType,
-                 match: tuple[str, Any] | None = None) -> P.Message:
-        """Sends, then waits for the reply of type ``want`` (and header[match[0]] == match[1]).
-
-        Retries with exponential backoff on timeout; PINGs while waiting; ERROR replies
-        raise :class:`RemoteError` for the caller to handle.
-        """
-        out = P.pack(type_, header, frames)
-        deadline = time.monotonic() + self.cfg.give_up_s
-        self.link.deadline = deadline
+    def _request(self, msg: P.Message, want: P.MsgType) -> P.Message:
+        """Sends request ``msg`` and returns its reply of type ``want`` (see :class:`Channel`); an ERROR
+        reply raises :class:`RemoteError` for the caller to handle."""
         try:
-            return self._exchange(type_, out, want, match, deadline)
-        except LinkInterrupted:
-            self._check_stop()
-            raise EdgeError(f"{type_.name} and its answer cannot cross the emulated link ({self.link.describe()}) "
-                            f"within --give-up {self.cfg.give_up_s:g}s") from None
-        finally:
-            self.link.deadline = None
+            return self.chan.request(msg, want)
+        except ChannelError as e:
+            raise EdgeError(str(e)) from None
 
-    def _exchange(self, type_: P.MsgType, out: list, want: P.MsgType, match: tuple[str, Any] | None,
-                  deadline: float) -> P.Message:
-        timeout = self.cfg.request_timeout_s
-        sent = self.ep.try_send(out)  # None: no connection to the cloud yet; sent again below
-        self.progress.bytes_sent += sent or 0
-        sent_at = time.monotonic()
-        last_ping = started = sent_at
-        waiting_noted = type_ != P.MsgType.HELLO  # first contact: say early that nothing has answered yet
-        malformed: tuple[int, str] | None = None  # (count, last reason) of unparsable replies
-        while True:
-            self._check_stop()
-            now = time.monotonic()
-            failure = self.ep.handshake_failure()
-            if failure == "auth":
-                raise EdgeError(f"the cloud at {self.cfg.connect} refused this edge's CurveZMQ key: is its public key "
-                                "in the cloud's --authorized-clients directory, and --server-key the cloud's key?")
-            if failure == "protocol":
-                if self.cfg.server_key:
-                    raise EdgeError(f"the CurveZMQ handshake with {self.cfg.connect} failed: is --server-key "
-                                    f"{self.cfg.server_key} the public key of this cloud's --curve-secret, and does "
-                                    "the cloud use CurveZMQ at all (cloud-serve --curve-secret)?")
-                raise EdgeError(f"the handshake with {self.cfg.connect} failed: the cloud and this edge disagree on "
-                                "encryption (a cloud with --curve-secret needs edges with --curve-secret and "
-                                "--server-key, and the other way round)")
-            if now > deadline:
-                if malformed:
-                    raise EdgeError(f"the cloud at {self.cfg.connect} sent no valid answer to {type_.name} for "
-                                    f"{self.cfg.give_up_s:.0f}s but {malformed[0]} malformed message(s); the last: "
-                                    f"{malformed[1]}")
-                raise EdgeError(f"the cloud at {self.cfg.connect} did not answer {type_.name} for "
-                                f"{self.cfg.give_up_s:.0f}s; is cloud-serve running and reachable?")
-            if not waiting_noted and now - started > 5.0:
-                waiting_noted = True
-                log.warning("no answer from the cloud at %s yet: is cloud-serve running there, at that address? "
-                            "(waiting up to --give-up %.0fs)", self.cfg.connect, self.cfg.give_up_s)
-            if sent is None or now - sent_at > timeout:
-                if sent is not None:
-                    log.warning("no reply to %s from %s after %.1fs: retrying (same step id; giving up in %.0fs)",
-                                type_.name, self.cfg.connect, now - sent_at, deadline - now)
-                    timeout = min(timeout * 2, 60.0)
-                if sent is not None or now - sent_at > 0.1:
-                    sent = self.ep.try_send(out)
-                    self.progress.bytes_sent += sent or 0
-                    sent_at = now
-            if now - last_ping > self.cfg.heartbeat_s:
-                self.progress.bytes_sent += self.ep.try_send(P.pack(P.MsgType.PING, {"t": time.time()})) or 0
-                last_ping = now
-            got = self.ep.recv(timeout_ms=100)
-            if got is None:
-                continue
-            _, frames_in = got
-            self.progress.bytes_received += sum(len(f.buffer) for f in frames_in)
-            try:
-                msg = P.unpack(frames_in)
-            except P.ProtocolError as e:
-                log.warning("ignoring a malformed message from the cloud: %s", e)
-                malformed = (malformed[0] + 1 if malformed else 1, str(e)[:300])
-                continue
-            if msg.type == P.MsgType.PONG:
-                continue
-            if msg.type == P.MsgType.ERROR:
-                if msg.header.get("re") not in (None, type_.name):
-                    continue  # an answer to an earlier request (e.g. a retried TRAIN before a new HELLO)
-                err_step = msg.header.get("step")
-                if match and match[0] == "step" and err_step not in (None, match[1]):
-                    continue  # an error about an older retry
-                raise RemoteError(msg.header)
-            if msg.type == want and (match is None or msg.header.get(match[0]) == match[1]):
-                return msg
-            # a late duplicate reply to an earlier retry: drop it
-
-    def _retry_later(self, e: "RemoteError", what: str) -> None:
-        """Waits before asking the cloud again after answer ``e`` (server_full, unknown_client, a stale_step
-        naming no later step): with exponential backoff, woken by SIGINT/SIGTERM, and EdgeError once
-        --give-up seconds have passed since the last progress (a step, an evaluation, a FedAvg round)."""
-        now = time.monotonic()
-        if self._stuck_since is None:
-            self._stuck_since, self._backoff = now, RETRY_FIRST_S
-        waited = now - self._stuck_since
-        if waited + self._backoff > self.cfg.give_up_s:
-            raise EdgeError(f"{what} within --give-up {self.cfg.give_up_s:g}s: the cloud at {self.cfg.connect} "
-                            f"answered {e} to every request for {waited:.0f}s") from None
-        log.warning("%s: %s; asking again in %.1fs", what, e, self._backoff)
-        self._pause(self._backoff)
-        self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+    def _retry_later(self, e: RemoteError, what: str) -> None:
+        try:
+            self.chan.retry_later(e, what)
+        except ChannelError as e2:
+            raise EdgeError(str(e2)) from None
 
     def _progressed(self) -> None:
-        self._stuck_since = None
-
-    def _pause(self, seconds: float) -> None:
-        """Sleeps ``seconds``; SIGINT/SIGTERM end it at once (:class:`_Stop`)."""
-        end = time.monotonic() + seconds
-        while True:
-            self._check_stop()
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.1))
+        self.chan.progressed()
 
     def hello(self) -> None:
         m = self.manifest
-        header = {
-            "client_id": self.cfg.client_id, "num_clients": self.cfg.num_clients, "model": m.model, "cut": m.cut,
-            "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
-            "num_classes": m.num_classes, "samples": int(len(self.shard)), "resume_step": self.progress.step,
-            "planned_steps": self.planned_steps, "partition": self.partition_info,
+        req = P.hello(
+            client_id=self.cfg.client_id, num_clients=self.cfg.num_clients, model=m.model, cut=m.cut,
+            activation_shape=m.activation_shape, input_shape=m.input_shape, num_classes=m.num_classes,
+            samples=int(len(self.shard)), resume_step=self.progress.step, planned_steps=self.planned_steps,
+            partition=self.partition_info, client_files=self.client_files,
             # the cloud refuses a fresh run whose client id already has steps, before touching that id's state
-            "fresh": not self._welcomed and not self.cfg.resume,
-            "client_files": self.client_files,
-        }
+            fresh=not self._welcomed and not self.cfg.resume,
+        )
         while True:
             try:
-                msg = self._request(P.MsgType.HELLO, header, [], P.MsgType.WELCOME)
+                msg = self._request(req, P.MsgType.WELCOME)
                 break
             except RemoteError as e:
                 # a full cloud (--max-clients) is a transient state: wait for a place, up to --give-up
@@ -410,18 +151,7 @@ class EdgeClient:
             log.warning("the cloud serves another export of %s cut %d (the client/ files of its artifacts differ from "
                         "--artifacts %s): fine if this edge half was re-exported on purpose; otherwise the two halves "
                         "do not start from one model", self.manifest.model, self.manifest.cut, self.cfg.artifacts)
-        first, self._welcomed = not self._welcomed, True
-        if first and not self.cfg.resume and h["last_step"] > 0:
-            # the skip below is for a run that continues (--resume after a crash, a HELLO again after the
-            # cloud restarted): a fresh run would skip batches it never trained and count the steps as its own.
-            # This cloud refuses such a HELLO itself (``fresh``); this check covers a cloud that predates it.
-            # Exit code 1, like the cloud's client_id_taken: a conflict with the cloud's state, found only once
-            # connected; the same arguments are fine against another cloud
-            raise EdgeError(
-                f"the cloud at {self.cfg.connect} has already applied {h['last_step']} steps from --client-id "
-                f"{self.cfg.client_id} (an earlier run with this id); this run without --resume would start from the "
-                "initial weights and skip them. Continue that run with --resume and its --checkpoint-dir, give this "
-                "run another --client-id, or start a fresh cloud-serve")
+        self._welcomed = True
         if h["last_step"] > self.progress.step:
             # the cloud applied steps this edge's checkpoint does not have: skip their batches, never re-send them
             skip = min(h["last_step"], self.planned_steps) - self.progress.step
@@ -515,7 +245,7 @@ class EdgeClient:
             # on an emulated link the BYE may take a second, no more (it would take minutes at a few bit/s)
             self.link.interrupt, self.link.deadline = None, time.monotonic() + 1.0
             try:
-                self.ep.try_send(P.pack(P.MsgType.BYE, {"reason": "interrupted", "steps": p.step}))
+                self.chan.send(P.bye(reason="interrupted", steps=p.step))
             except LinkInterrupted:
                 log.info("BYE not sent: it would take more than a second on the emulated link")
         self.ep.close(linger_ms=500)
@@ -530,12 +260,11 @@ class EdgeClient:
         t1 = time.perf_counter()
         blob = self._encode(act, f"training diverged at step {step}", round=step, total_rounds=self.planned_steps)
         t2 = time.perf_counter()
-        header = {"step": step, "n": int(x.shape[0]), "round": step, "total_rounds": self.planned_steps,
-                  "encode_ms": round((t2 - t1) * 1000, 3)}
+        req = P.train(step=step, n=int(x.shape[0]), total_rounds=self.planned_steps,
+                      encode_ms=round((t2 - t1) * 1000, 3), activation=blob, labels=y)
         while True:
             try:
-                msg = self._request(P.MsgType.TRAIN, header, [blob, P.array_frame(y, "int64")], P.MsgType.GRAD,
-                                    match=("step", step))
+                msg = self._request(req, P.MsgType.GRAD)
                 break
             except RemoteError as e:
                 if e.code == P.ErrorCode.UNKNOWN_CLIENT:
@@ -594,10 +323,7 @@ class EdgeClient:
         params = self.model.get_parameters()
         names = sorted(params)
         try:
-            msg = self._request(P.MsgType.WEIGHTS, {
-                "round": rnd, "samples": int(len(self.shard)), "names": names,
-                "shapes": [list(params[k].shape) for k in names],
-            }, [P.array_frame(params[k], "float32") for k in names], P.MsgType.WEIGHTS_AVG, match=("round", rnd))
+            msg = self._request(P.weights(rnd=rnd, samples=int(len(self.shard)), params=params), P.MsgType.WEIGHTS_AVG)
         except RemoteError as e:
             if e.code not in (P.ErrorCode.UNKNOWN_CLIENT, P.ErrorCode.UNEXPECTED):
                 raise EdgeError(f"FedAvg round {rnd} failed: {e}") from None
@@ -634,13 +360,10 @@ class EdgeClient:
             except ModelLoadError as e:
                 raise EdgeError(str(e)) from None
             blob = self._encode(act, f"training diverged by step {self.progress.step}", training=False)
-            self._eval_id += 1
+            req = P.eval_request(activation=blob, labels=y, n=int(len(x)))
             while True:
                 try:
-                    msg = self._request(P.MsgType.EVAL, {"eval_id": self._eval_id, "n": int(len(x)),
-                                                         "has_labels": True},
-                                        [blob, P.array_frame(y, "int64")], P.MsgType.EVAL_RESULT,
-                                        match=("eval_id", self._eval_id))
+                    msg = self._request(req, P.MsgType.EVAL_RESULT)
                     break
                 except RemoteError as e:  # e.g. timed out by the cloud during a long local step: HELLO again
                     if e.code != P.ErrorCode.UNKNOWN_CLIENT:
@@ -690,7 +413,7 @@ class EdgeClient:
     def _bye(self, reason: str) -> None:
         for again in (True, False):
             try:
-                self._request(P.MsgType.BYE, {"reason": reason, "steps": self.progress.step}, [], P.MsgType.BYE_ACK)
+                self._request(P.bye(reason=reason, steps=self.progress.step), P.MsgType.BYE_ACK)
                 return
             except RemoteError as e:
                 if again and e.code == P.ErrorCode.UNKNOWN_CLIENT:  # its session was closed (timed out): once more
@@ -723,11 +446,8 @@ class EdgeClient:
                       f"the previous one is intact ({previous.name})" if previous else "no checkpoint has been saved")
 
     def _run_identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it (see :func:`_check_resume`)."""
-        c = self.cfg
-        return {**_artifacts_identity(self.manifest), "client_id": c.client_id, "batch_size": c.batch_size,
-                "data": c.data, "partition": c.partition, "seed": c.seed, "num_clients": c.num_clients,
-                "partition_plan": self.partition_info["plan"]}
+        """What a checkpoint must share with the run that resumes it (see :func:`.resume.check_resume`)."""
+        return self.prep.run_identity()
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
         med = {f"{k}_ms_median": round(float(np.median(v)), 3) if v else None for k, v in self.timings.items()}
@@ -748,151 +468,6 @@ class EdgeClient:
         }
 
 
-def _check_writable_dir(d: Path, what: str) -> None:
-    """EdgeInputError naming ``what`` unless directory ``d`` can be written, or created (tried, not read off
-    permission bits, which say nothing to root): a probe file in ``d``, or a probe directory in its nearest
-    existing ancestor. Leaves nothing behind."""
-    target = d.absolute()
-    try:
-        while not target.exists() and target.parent != target:
-            if target.is_symlink():  # a dangling link: mkdir would fail on it
-                raise OSError(errno.ENOENT, "a symbolic link to nothing")
-            target = target.parent
-        if not target.is_dir():
-            raise OSError(errno.ENOTDIR, f"{target} is not a directory")
-        if target == d.absolute():
-            probe_write(target)
-        else:
-            os.rmdir(tempfile.mkdtemp(dir=target, prefix=".write-test-"))
-    except OSError as e:
-        raise EdgeInputError(f"{what} {d} cannot be created or written ({e.strerror or e})") from None
-
-
-def _check_summary_target(path: Path) -> None:
-    """--summary replaces an earlier summary, never another file (a mistyped path must not cost it)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    try:
-        old = load_json(path, max_bytes=1 << 20) if path.is_file() else None
-    except BadFile:
-        old = None
-    if not (isinstance(old, dict) and {"client_id", "final_accuracy", "steps"} <= old.keys()):
-        raise EdgeInputError(f"--summary {path} exists and is not an edge-train summary: refusing to overwrite it "
-                             "(choose another path, or remove it yourself)")
-
-
-def _check_checkpoint_dir(d: Path, resume: bool) -> None:
-    """A fresh run needs an empty (or new) --checkpoint-dir: its first checkpoint would point LATEST at
-    itself, and the run whose checkpoints are there could not --resume any more."""
-    if not resume and d.is_dir():
-        try:
-            held = sorted(p.name for p in d.iterdir())
-        except OSError as e:
-            raise EdgeInputError(f"--checkpoint-dir {d} cannot be read ({e.strerror or e})") from None
-        if held:
-            more = f" and {len(held) - 3} more" if len(held) > 3 else ""
-            raise EdgeInputError(
-                f"--checkpoint-dir {d} is not empty (it holds {', '.join(held[:3])}{more}): to continue the run "
-                "whose checkpoints these are, add --resume; to start a new run, give an empty or new directory")
-    _check_writable_dir(d, "--checkpoint-dir")
-
-
-def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
-    """--profile: its providers and training device, and its threads and batch size where the
-    config leaves them None (not given). Logs the choice once, in plain words."""
-    if not cfg.profile:
-        return (replace(cfg, batch_size=32) if cfg.batch_size is None else cfg), None
-    from ..profiles import ProfileError, edge_settings
-
-    if cfg.backend == "portable":  # plain onnxruntime: the training build's module may be absent
-        from .portable_backend import available_providers
-    else:
-        from .ort_backend import available_providers  # type: ignore[no-redef]
-
-    try:
-        s = edge_settings(cfg.profile, available_providers(), threads=cfg.threads, batch_size=cfg.batch_size,
-                          artifacts_dir=cfg.artifacts)
-    except ProfileError as e:
-        raise EdgeError(str(e)) from None
-    log.info("profile %s: %s", s.profile.name, s.sentence)
-    return replace(cfg, device=s.device, threads=s.threads, batch_size=s.batch_size,
-                   inference_providers=s.inference_providers,
-                   inference_provider_options=s.inference_provider_options), s.choice
-
-
-class ResumeMismatch(EdgeError):
-    """--resume with arguments or artifacts other than those the checkpoint was written with."""
-
-
-_RESUME_WHAT = {
-    "model": "--artifacts (model)", "cut": "--artifacts (cut)", "artifacts": "--artifacts (files)",
-    "client_id": "--client-id", "batch_size": "--batch-size", "data": "--data", "partition": "--partition",
-    "seed": "--seed", "num_clients": "--num-clients",
-}
-_PLAN = "partition_plan"  # a digest of the shard plan (data contents, --partition, --seed, --num-clients)
-_PLAN_INPUTS = ("data", "partition", "seed", "num_clients")  # named when the plan differs, not compared alone
-
-
-def _artifacts_identity(m: mf.Manifest) -> dict[str, Any]:
-    files = hashlib.sha256(json.dumps(m.files, sort_keys=True).encode()).hexdigest()[:32]
-    return {"model": m.model, "cut": m.cut, "artifacts": files}
-
-
-def _check_resume(saved: dict[str, Any], now: dict[str, Any], where: Any) -> None:
-    """ResumeMismatch naming each setting in which ``now`` differs from the checkpoint's run ``saved``.
-
-    The shard plan decides whether the data settings match (``--data fashion-mnist`` and the same
-    directory spelled out are one plan); when it differs, the settings behind it are named."""
-    def shown(k: str) -> str:
-        return "--artifacts (their files differ)" if k == "artifacts" else \
-            f"{_RESUME_WHAT[k]} ({json.dumps(saved[k])} there, {json.dumps(now[k])} here)"
-
-    diff = [shown(k) for k in now if k in _RESUME_WHAT and k not in _PLAN_INPUTS and k in saved and saved[k] != now[k]]
-    if _PLAN in saved and _PLAN in now and saved[_PLAN] != now[_PLAN]:
-        named = [shown(k) for k in _PLAN_INPUTS if k in saved and k in now and saved[k] != now[k]]
-        if named:
-            diff += named
-        elif any(k in saved for k in _PLAN_INPUTS):
-            diff.append("data: the same --data, --partition, --seed and --num-clients split other samples (the data "
-                        "set's files changed)")
-        else:  # a checkpoint of an earlier version, which kept only the plan
-            diff.append("the data set, --partition, --seed or --num-clients")
-    if diff:
-        raise ResumeMismatch(f"--resume: the checkpoint in {where} was written by a run with a different "
-                             f"{'; '.join(diff)}; resume with the same arguments, or start fresh with another "
-                             "--checkpoint-dir")
-
-
-
-def _load_progress(path: Path) -> tuple[Progress, dict[str, Any] | None]:
-    """The checkpoint's Progress and the identity of the run that wrote it (None: older checkpoints).
-    EdgeInputError naming the file and the field unless each has its type and range."""
-    try:
-        raw = load_json_object(path)
-    except BadFile as e:
-        raise EdgeInputError(f"--resume: {e} (a damaged checkpoint directory)") from None
-
-    def bad(why: str) -> EdgeInputError:
-        return EdgeInputError(f"--resume: {path}: {why} (a damaged checkpoint directory)")
-
-    counts = {}
-    for f in fields(Progress):
-        if f.name == "evals" or f.name not in raw:
-            continue
-        v = raw[f.name]
-        if not is_int(v):
-            raise bad(f"{f.name} is {json.dumps(v)[:40]}, not an integer in 0..{MAX_INT}")
-        counts[f.name] = v
-    evals = raw.get("evals", [])
-    if not (isinstance(evals, list) and all(isinstance(e, dict) for e in evals)):
-        raise bad("evals is not a list of objects")
-    run = raw.get("run")
-    if run is not None and not (isinstance(run, dict) and all(
-            v is None or isinstance(v, (str, int, float)) for v in run.values())):
-        raise bad("run is not an object of plain values")
-    return Progress(**counts, evals=list(evals)), run
-
-
 class _Stop(Exception):
     """Raised at a safe point after SIGINT/SIGTERM (see EdgeClient.request_stop)."""
 
@@ -903,16 +478,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class RemoteError(Exception):
-    """An ERROR from the cloud. Its code and message are the cloud's text: capped and with control
-    characters escaped (:func:`splitedge.wire.protocol.printable`) before they reach a log or a terminal."""
-
-    def __init__(self, header: dict):
-        self.header = header
-        self.code = header.get("code", "")
-        super().__init__(f"{P.printable(self.code, 64)}: {P.printable(header.get('message', ''), 1000)}")
 
 
 class _Bar:

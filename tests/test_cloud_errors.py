@@ -346,7 +346,7 @@ def _train(port: int, steps: int) -> None:
             assert s.poll(120_000), "no reply from cloud-serve"
             return P.unpack(s.recv_multipart())
 
-        welcome = ask(P.pack(P.MsgType.HELLO, {
+        welcome = ask(P.pack(P.MsgType.HELLO, {"id": 1,
             "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
             "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": 10**6}))
         assert welcome.type == P.MsgType.WELCOME, welcome.header
@@ -356,7 +356,7 @@ def _train(port: int, steps: int) -> None:
         for step in range(first, first + steps):
             blob = enc.encode(rng.standard_normal((4, *ACT)).astype(np.float32), round=step, total_rounds=100)
             labels = np.array([0, 1, 2, 3], dtype="<i8").tobytes()
-            grad = ask(P.pack(P.MsgType.TRAIN, {"step": step, "n": 4, "round": step, "total_rounds": 100,
+            grad = ask(P.pack(P.MsgType.TRAIN, {"id": 2, "step": step, "n": 4, "round": step, "total_rounds": 100,
                                                 "encode_ms": 0.0}, [blob, labels]))
             assert grad.type == P.MsgType.GRAD and grad.header["step"] == step, grad.header
     finally:
@@ -472,9 +472,13 @@ class _Harness:
         self.server.ep.send = send
 
     def ask(self, identity: bytes, type_: P.MsgType, header: dict, frames=()) -> P.Message:
+        """Sends a request numbered as an edge numbers them; its one reply, which must name that id."""
         self.replies.clear()
+        self.next_id = getattr(self, "next_id", 0) + 1
+        header = {"id": self.next_id, **header}
         self.server._dispatch(identity, [bytes(f) for f in P.pack(type_, header, list(frames))])
         assert len(self.replies) == 1 and self.replies[0][0] == identity, self.replies
+        assert self.replies[0][1].header["reply_to"] == self.next_id, self.replies[0][1].header
         return self.replies[0][1]
 
     def hello(self, identity: bytes, client_id: int, **over) -> P.Message:
@@ -491,7 +495,7 @@ class _Harness:
 
     def eval(self, identity: bytes) -> P.Message:
         blob = sc.get("uq", bits=4).encode(np.zeros((2, *ACT), np.float32))
-        return self.ask(identity, P.MsgType.EVAL, {"eval_id": 1, "n": 2, "has_labels": False}, [blob])
+        return self.ask(identity, P.MsgType.EVAL, {"n": 2, "has_labels": False}, [blob])
 
     def close(self) -> None:
         self.server.ep.close()
@@ -508,6 +512,43 @@ def harness(art, tmp_path):
     yield make
     for h in made:
         h.close()
+
+
+def test_a_version_1_edge_gets_a_version_error_it_can_read(harness):
+    """Protocol version 2: a version-1 edge's HELLO is answered by an ERROR framed as version 1 (the
+    layout of version 1's ERROR), which names both versions, so the old edge can say why it stops; the
+    cloud keeps serving version-2 edges."""
+    import json
+
+    h = harness()
+    raw: list = []
+    h.server.ep.send = lambda frames, identity=None: raw.append([bytes(f) for f in frames]) or 0
+    v1_hello = b"SPLE\x01\x01" + json.dumps({
+        "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
+        "input_shape": [1, 28, 28], "num_classes": 10, "samples": 100, "resume_step": 0, "planned_steps": 10}).encode()
+    h.server._dispatch(b"edge-v1", [v1_hello])
+    assert len(raw) == 1 and raw[0][0][:6] == b"SPLE\x01\x09", raw  # version 1, ERROR
+    header = json.loads(raw[0][0][6:])
+    assert header["code"] == "unsupported_version" and "protocol version 2" in header["message"] \
+        and "version 1" in header["message"], header
+    assert 0 not in h.server.by_client, "no session for a message the cloud could not read"
+    with pytest.raises(P.VersionError):  # a version-2 reader refuses that frame: it is not version 2
+        P.unpack(raw[0])
+    h.server.ep.send = lambda frames, identity=None: h.replies.append((identity, P.unpack([bytes(f) for f in frames]))) or 0
+    assert h.hello(b"edge-v2", 0).type == P.MsgType.WELCOME
+
+
+def test_a_retried_step_is_answered_from_cache_under_the_retry_s_id(harness):
+    """The cloud applies a step once; a retry of it gets the cached GRAD, named as the answer to the
+    retry (a new request id after a new HELLO), not to the request that first carried the step."""
+    h = harness()
+    assert h.hello(b"edge", 0).type == P.MsgType.WELCOME
+    first = h.train(b"edge", 1)
+    again = h.train(b"edge", 1)  # ask() checks reply_to == this request's id
+    assert first.type == again.type == P.MsgType.GRAD and first.header["reply_to"] != again.header["reply_to"]
+    assert {k: v for k, v in first.header.items() if k != "reply_to"} == \
+        {k: v for k, v in again.header.items() if k != "reply_to"}
+    assert h.server.server_step == 1, "applied once"
 
 
 def test_a_session_that_is_not_active_is_never_served(harness):

@@ -245,12 +245,12 @@ def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_
         reply = P.unpack(s.recv_multipart())
         assert reply.type == P.MsgType.ERROR and reply.header["code"] == "bad_message" and "magic" in reply.header["message"]
 
-        s.send_multipart(P.pack(P.MsgType.TRAIN, {"step": 1, "n": 1, "round": 1, "total_rounds": 1, "encode_ms": 0},
+        s.send_multipart(P.pack(P.MsgType.TRAIN, {"id": 1, "step": 1, "n": 1, "round": 1, "total_rounds": 1, "encode_ms": 0},
                                 [b"x", b"y"]))
         reply = P.unpack(s.recv_multipart())
         assert reply.header["code"] == "unknown_client"
 
-        hello = {"client_id": 7, "num_clients": 8, "model": "vgg11", "cut": 3, "activation_shape": [1],
+        hello = {"id": 2, "client_id": 7, "num_clients": 8, "model": "vgg11", "cut": 3, "activation_shape": [1],
                  "input_shape": [1, 28, 28], "num_classes": 10, "samples": 1, "resume_step": 0, "planned_steps": 1}
         s.send_multipart(P.pack(P.MsgType.HELLO, hello))
         reply = P.unpack(s.recv_multipart())
@@ -259,7 +259,7 @@ def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_
         hello.update(model="resnet18", activation_shape=[64, 14, 14])
         s.send_multipart(P.pack(P.MsgType.HELLO, hello))
         assert P.unpack(s.recv_multipart()).type == P.MsgType.WELCOME
-        header = {"step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0}
+        header = {"id": 3, "step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0}
         s.send_multipart(P.pack(P.MsgType.TRAIN, header, [b"\x00" * 100, np.zeros(2, np.int64).tobytes()]))
         reply = P.unpack(s.recv_multipart())
         assert reply.header["code"] == "bad_payload"
@@ -447,8 +447,10 @@ def test_max_clients_refuses_new_ids_while_full(synth_artifacts, tmp_path):
                  "input_shape": [1, 28, 28], "num_classes": 10, "samples": 1, "resume_step": 0, "planned_steps": 1}
 
         def say(s, msg_type, header):
-            s.send_multipart(P.pack(msg_type, header))
-            return P.unpack(s.recv_multipart())
+            s.send_multipart(P.pack(msg_type, {"id": 1, **header}))
+            reply = P.unpack(s.recv_multipart())
+            assert reply.header["reply_to"] == 1, reply.header
+            return reply
 
         a, b, c = (_dealer(port) for _ in range(3))
         socks += [a, b, c]

@@ -59,14 +59,15 @@ class FakeCloud:
             ident, *frames = self.sock.recv_multipart()
             msg = P.unpack(frames)
             if msg.type == P.MsgType.HELLO:
-                out = self.on_hello(msg.header) if self.on_hello else P.pack(P.MsgType.WELCOME, self.welcome)
+                out = self.on_hello(msg.header) if self.on_hello else \
+                    P.pack(P.MsgType.WELCOME, {"reply_to": msg.header["id"], **self.welcome})
             elif msg.type == P.MsgType.TRAIN:
                 self.trains += 1
                 out = self.on_train(msg.header)
             elif msg.type == P.MsgType.PING:
-                out = P.pack(P.MsgType.PONG, {"t": msg.header["t"]})
+                out = P.pack_message(P.pong(msg.header["id"], t=msg.header["t"]))
             elif msg.type == P.MsgType.BYE:
-                out = P.pack(P.MsgType.BYE_ACK, {})
+                out = P.pack_message(P.bye_ack(msg.header["id"]))
             else:
                 continue
             self.sock.send_multipart([ident, *out])
@@ -78,7 +79,7 @@ class FakeCloud:
 
 
 def _grad(header: dict, payload: bytes, **over) -> list:
-    h = {"step": header["step"], "loss": 1.0, "correct": 0, "fedavg_round": None, "timings": {}, **over}
+    h = {"reply_to": header["id"], "step": header["step"], "loss": 1.0, "correct": 0, "fedavg_round": None, "timings": {}, **over}
     return P.pack(P.MsgType.GRAD, h, [payload])
 
 
@@ -120,7 +121,7 @@ CASES = {
     "a gradient with NaN": (
         _welcome(), lambda h: _grad(h, _fp32_nan()), "NaN"),
     "a GRAD header without its fields": (
-        _welcome(), lambda h: P.pack(P.MsgType.GRAD, {"step": h["step"]}, [b"x"]),
+        _welcome(), lambda h: P.pack(P.MsgType.GRAD, {"reply_to": h["id"], "step": h["step"]}, [b"x"]),
         "malformed message(s); the last: GRAD"),
     "a gradient larger than the edge accepts": (
         _welcome(), lambda h: _grad(h, b"\0" * (8 << 20)), "did not answer TRAIN"),
@@ -150,15 +151,16 @@ def test_edge_stops_cleanly_on_what_a_hostile_cloud_sends(art, tmp_path, case):
 # ---------------------------------------------------------------------------- answers that allow no progress
 
 
-def _error(code: str, re: str, **extra) -> list:
-    return P.pack(P.MsgType.ERROR, {"code": code, "message": f"scripted {code}", "re": re, **extra})
+def _error(code: str, request: dict, **extra) -> list:
+    """An ERROR answering ``request`` (its header)."""
+    return P.pack_message(P.error(request["id"], code=code, message=f"scripted {code}", **extra))
 
 
 NO_PROGRESS = {
-    "unknown_client to every TRAIN": (None, lambda h: _error("unknown_client", "TRAIN", step=h["step"]), ()),
+    "unknown_client to every TRAIN": (None, lambda h: _error("unknown_client", h, step=h["step"]), ()),
     "stale_step naming the same step": (
-        None, lambda h: _error("stale_step", "TRAIN", step=h["step"], expected_step=h["step"]), ()),
-    "server_full to every HELLO": (lambda h: _error("server_full", "HELLO"), None, ()),
+        None, lambda h: _error("stale_step", h, step=h["step"], expected_step=h["step"]), ()),
+    "server_full to every HELLO": (lambda h: _error("server_full", h), None, ()),
     "a 1 bit/s emulated link": (None, None, ("--bandwidth", "1bit")),
 }
 
@@ -211,7 +213,7 @@ def test_sigterm_stops_the_edge_within_seconds(art, tmp_path, case):
 
     full = case.startswith("waiting")
     cloud = FakeCloud(_welcome(), lambda h: _grad(h, b""),
-                      on_hello=(lambda h: _error("server_full", "HELLO")) if full else None)
+                      on_hello=(lambda h: _error("server_full", h)) if full else None)
     extra = ("--give-up", "300") + (() if full else ("--bandwidth", "100bit"))
     proc = subprocess.Popen(_edge_cmd(art, cloud.port, tmp_path, *extra), stderr=subprocess.PIPE, text=True)
     try:
@@ -250,7 +252,7 @@ def test_a_cloud_error_text_is_capped_and_its_control_characters_escaped(art, tm
     assert text.isprintable() and len(text) < 1200, text[:200]
     assert "\\x1b]0;owned\\x07" in text and "\\u202e" in text
     cloud = FakeCloud(_welcome(), lambda h: P.pack(P.MsgType.ERROR, {
-        "code": "bad_message", "message": HOSTILE_TEXT, "re": "TRAIN", "step": h["step"]}))
+        "code": "bad_message", "message": HOSTILE_TEXT, "reply_to": h["id"], "step": h["step"]}))
     try:
         res = _edge(art, cloud.port, tmp_path)
     finally:
@@ -259,3 +261,75 @@ def test_a_cloud_error_text_is_capped_and_its_control_characters_escaped(art, tm
     assert "\x1b" not in res.stderr and "\u202e" not in res.stderr and "\x07" not in res.stderr
     assert "the cloud rejected step 1: bad_message: \\x1b]0;owned" in res.stderr, res.stderr[-3000:]
     assert len(res.stderr) < 20_000, "the 40 000-character message is capped"
+
+
+# ---------------------------------------------------------------------------- protocol version 2: ids and versions
+
+
+def test_an_edge_refuses_a_version_1_cloud_at_once_and_says_so(art, tmp_path):
+    """A cloud of protocol version 1 answers a version-2 HELLO with its own ERROR, framed as version 1
+    (what version 1 sends for "protocol version 2 is not supported"). The edge stops at once, naming
+    both versions, instead of taking it for noise until --give-up."""
+    import json
+    import time
+
+    v1_error = [b"SPLE\x01\x09" + json.dumps({"code": "bad_message", "re": None, "step": None,
+                                               "message": "protocol version 2 is not supported (this side speaks 1)"}
+                                              ).encode()]
+    cloud = FakeCloud(_welcome(), lambda h: _grad(h, b""), on_hello=lambda h: v1_error)
+    t0 = time.monotonic()
+    try:
+        res = _edge(art, cloud.port, tmp_path, "--give-up", "60")
+    finally:
+        cloud.close()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "speaks splitedge protocol version 1, this edge version 2" in res.stderr, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 50, "stopped at the first answer, not at --give-up"
+    assert cloud.trains == 0
+
+
+def test_replies_to_other_request_ids_are_dropped(art, tmp_path):
+    """The one matching rule: before each real reply the cloud sends a GRAD and an ERROR that answer
+    another request id (late duplicates of earlier requests). The edge drops both and trains normally;
+    under version 1 the ERROR about a TRAIN of another step would have failed the step only if it named
+    the step -- now the id alone decides."""
+    good = sc.get("fp32").encode(np.zeros(_act_shape(), np.float32))
+
+    def on_train(h):
+        return _grad(h, good)
+
+    class Noisy(FakeCloud):
+        def _serve(self):
+            while not self._stop.is_set():
+                if not self.sock.poll(50):
+                    continue
+                ident, *frames = self.sock.recv_multipart()
+                msg = P.unpack(frames)
+                if msg.type == P.MsgType.TRAIN:
+                    other = {**msg.header, "id": msg.header["id"] + 1000}
+                    self.sock.send_multipart([ident, *_grad(other, b"junk that would not decode")])
+                    self.sock.send_multipart([ident, *_error("bad_message", other, step=msg.header["step"])])
+                    self.sock.send_multipart([ident, *P.pack_message(P.pong(msg.header["id"] - 1, t=0.0))])
+                    self.trains += 1
+                    out = on_train(msg.header)
+                elif msg.type == P.MsgType.HELLO:
+                    out = P.pack(P.MsgType.WELCOME, {"reply_to": msg.header["id"], **self.welcome})
+                elif msg.type == P.MsgType.EVAL:
+                    n = msg.header["n"]
+                    out = P.pack_message(P.eval_result(msg.header["id"], n=n, loss_sum=0.0,
+                                                       predictions=np.zeros(n, np.int64)))
+                elif msg.type == P.MsgType.PING:
+                    out = P.pack_message(P.pong(msg.header["id"], t=msg.header["t"]))
+                elif msg.type == P.MsgType.BYE:
+                    out = P.pack_message(P.bye_ack(msg.header["id"]))
+                else:
+                    continue
+                self.sock.send_multipart([ident, *out])
+
+    cloud = Noisy(_welcome(), on_train)
+    try:
+        res = _edge(art, cloud.port, tmp_path)
+    finally:
+        cloud.close()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cloud.trains == 2 and (tmp_path / "s.json").exists()

@@ -34,6 +34,7 @@ replaying it against the now changed server gives another result).
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import subprocess
@@ -134,7 +135,7 @@ def cloud(art, tmp_path_factory):
     c = Cloud(art, tmp_path_factory.mktemp("fuzz-cloud"))
     try:
         s = c.dealer()
-        s.send_multipart(P.pack(P.MsgType.PING, {"t": 0}))
+        s.send_multipart(P.pack(P.MsgType.PING, {"id": 1, "t": 0}))
         if not s.poll(120_000):  # the first start imports torch
             c.alive()
             raise AssertionError("cloud-serve did not answer a PING within 120 s")
@@ -149,13 +150,13 @@ def cloud(art, tmp_path_factory):
 
 
 def hello(cid: int) -> dict:
-    return {"client_id": cid, "num_clients": 64, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
+    return {"id": 1, "client_id": cid, "num_clients": 64, "model": "resnet18", "cut": 3, "activation_shape": list(ACT),
             "input_shape": [1, 28, 28], "num_classes": NUM_CLASSES, "samples": 100, "resume_step": 0,
             "planned_steps": 10**6}  # step ids beyond it are refused: a plan that leaves room for the jumps below
 
 
 def train_header(step: int, n: int) -> dict:
-    return {"step": step, "n": n, "round": step, "total_rounds": 100, "encode_ms": 0.1}
+    return {"id": 1 + step % 1_000_000, "step": step, "n": n, "round": step, "total_rounds": 100, "encode_ms": 0.1}
 
 
 def labels(n: int, seed: int = 0) -> bytes:
@@ -221,37 +222,46 @@ class Exchange:
     def send(self, i: int, frames: list) -> list[P.Message]:
         s = self.socks[i]
         try:
-            req = P.unpack(frames).type
-        except P.ProtocolError:
-            req = None
+            parsed = P.unpack(frames)
+            req, rid = parsed.type, parsed.header["id"]
+        except (P.ProtocolError, KeyError):
+            req = rid = None
         s.send_multipart(frames, copy=True)
         self.sent += 1
         self.bytes += sum(len(f) for f in frames)
         self._sentinel -= 1
         t = self._sentinel
-        s.send_multipart(P.pack(P.MsgType.PING, {"t": t}))
+        s.send_multipart(P.pack(P.MsgType.PING, {"id": 1, "t": t}))
         out: list[P.Message] = []
         while True:
             if not s.poll(int(HANG_S * 1000)):
                 self.cloud.alive()
                 raise AssertionError(f"no PONG within {HANG_S:.0f}s after a {req!r} message: the server hangs")
+            got = s.recv_multipart()
             try:
-                m = P.unpack(s.recv_multipart())
+                m = P.unpack(got)
+            except P.VersionError as e:
+                # to a version-1 message, a version-1 ERROR: only then, and with the code that says why
+                assert e.version == 1 and frames and bytes(frames[0][4:5]) == b"\x01", e
+                m = P.Message(P.MsgType.ERROR, json.loads(bytes(got[0][6:])))
+                assert set(m.header) == {"code", "message", "re", "step"}, m.header
+                assert m.header["code"] == P.ErrorCode.UNSUPPORTED_VERSION, m.header
+                m.header["reply_to"] = None
             except P.ProtocolError as e:
                 raise AssertionError(f"the server sent a message that breaks the protocol: {e}") from None
             if m.type == P.MsgType.PONG and m.header.get("t") == t:
                 break
             out.append(m)
         self.cloud.alive()
-        return self._check(i, req, out)
+        return self._check(i, req, rid, out)
 
-    def _check(self, i: int, req: P.MsgType | None, out: list[P.Message]) -> list[P.Message]:
+    def _check(self, i: int, req: P.MsgType | None, rid: int | None, out: list[P.Message]) -> list[P.Message]:
         """The answer to the message: ``out`` less WEIGHTS_AVG of earlier rounds."""
         strict = []
         answer = []
         for m in out:
-            if m.type == P.MsgType.WEIGHTS_AVG and req != P.MsgType.WEIGHTS:
-                continue  # a FedAvg round this client had joined, completed by another client's timeout
+            if m.type == P.MsgType.WEIGHTS_AVG and (req != P.MsgType.WEIGHTS or m.header["reply_to"] != rid):
+                continue  # a FedAvg round this client had joined earlier, completed by another client's timeout
             answer.append(m)
             if m.type == P.MsgType.ERROR:
                 code = m.header["code"]
@@ -276,6 +286,8 @@ class Exchange:
             assert len(strict) == 1, f"{req!r} got {len(strict)} answers: {[(m.type, m.header) for m in strict]}"
         for m in strict:
             assert m.type == P.MsgType.ERROR or m.type == LEGIT.get(req), f"{req!r} answered with {m.type!r}"
+            if req is not None:  # every answer to a valid request names that request's id
+                assert m.header["reply_to"] == rid, (req, rid, m.header)
         return answer
 
     def hello(self, i: int, cid: int) -> None:
@@ -319,7 +331,7 @@ def test_an_oversized_message_is_dropped_unread_and_the_server_goes_on(cloud, ex
     # the dropped socket reconnects by itself and is served again
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        s.send_multipart(P.pack(P.MsgType.PING, {"t": 1.5}))
+        s.send_multipart(P.pack(P.MsgType.PING, {"id": 1, "t": 1.5}))
         if s.poll(500):
             assert P.unpack(s.recv_multipart()).type == P.MsgType.PONG
             break
@@ -390,7 +402,7 @@ def test_a_payload_of_another_codec_is_refused(cloud, ex):
 def weights_message(shapes: dict, rnd: int, seed: int = 0) -> list:
     names = sorted(shapes)
     rng = np.random.default_rng(seed)
-    return P.pack(P.MsgType.WEIGHTS, {"round": rnd, "samples": 10, "names": names,
+    return P.pack(P.MsgType.WEIGHTS, {"id": 7, "round": rnd, "samples": 10, "names": names,
                                       "shapes": [list(shapes[k]) for k in names]},
                   [rng.standard_normal(shapes[k]).astype("<f4").tobytes() for k in names])
 
@@ -478,9 +490,9 @@ def test_a_client_over_its_error_budget_is_disconnected(cloud, ex):
         assert ex.send(2, P.pack(P.MsgType.TRAIN, train_header(0, 2), [good, labels(2)]))[0].header["code"] \
             == "stale_step"
     for k in range(MAX_CLIENT_ERRORS):
-        out = ex.send(2, P.pack(P.MsgType.EVAL, {"eval_id": k, "n": 1, "has_labels": False}, [b"junk"]))
+        out = ex.send(2, P.pack(P.MsgType.EVAL, {"id": k, "n": 1, "has_labels": False}, [b"junk"]))
         assert [m.header["code"] for m in out] == ["bad_payload"]
-    out = ex.send(2, P.pack(P.MsgType.EVAL, {"eval_id": 99, "n": 1, "has_labels": False}, [b"junk"]))
+    out = ex.send(2, P.pack(P.MsgType.EVAL, {"id": 99, "n": 1, "has_labels": False}, [b"junk"]))
     assert [m.header["code"] for m in out] == ["bad_payload", "too_many_errors"]
     out = ex.send(2, P.pack(P.MsgType.TRAIN, train_header(2, 2), [good, labels(2)]))
     assert out[0].header["code"] == "unknown_client", "the session is gone"
@@ -550,18 +562,22 @@ def mutated(draw, header: dict) -> dict:
     return h
 
 
+WEIGHTS_IDS = itertools.count(10**6)  # each WEIGHTS its own request id: its WEIGHTS_AVG names it
+
+
 def templates(step: int, n: int, cid: int) -> dict[int, dict]:
     return {
         P.MsgType.HELLO: hello(cid), P.MsgType.TRAIN: train_header(step, n),
-        P.MsgType.EVAL: {"eval_id": 1, "n": n, "has_labels": True},
-        P.MsgType.WEIGHTS: {"round": 1, "samples": 10, "names": ["conv1.weight"], "shapes": [[64, 1, 7, 7]]},
-        P.MsgType.BYE: {"reason": "fuzz", "steps": step}, P.MsgType.PING: {"t": 1.0},
-        P.MsgType.WELCOME: {"session": "x", "codec": {"name": "uq", "params": {}}, "grad_codec": {}, "fedavg_every": 0,
+        P.MsgType.EVAL: {"id": 1, "n": n, "has_labels": True},
+        P.MsgType.WEIGHTS: {"id": next(WEIGHTS_IDS), "round": 1, "samples": 10, "names": ["conv1.weight"], "shapes": [[64, 1, 7, 7]]},
+        P.MsgType.BYE: {"id": 1, "reason": "fuzz", "steps": step}, P.MsgType.PING: {"id": 1, "t": 1.0},
+        P.MsgType.WELCOME: {"reply_to": 1, "session": "x", "codec": {"name": "uq", "params": {}}, "grad_codec": {}, "fedavg_every": 0,
                             "last_step": 0, "server_step": 0},
-        P.MsgType.GRAD: {"step": step, "loss": 1.0, "correct": 0, "fedavg_round": None, "timings": {}},
-        P.MsgType.EVAL_RESULT: {"eval_id": 1, "n": n, "loss_sum": None},
-        P.MsgType.WEIGHTS_AVG: {"round": 1, "names": [], "shapes": [], "clients": 1},
-        P.MsgType.ERROR: {"code": "internal", "message": "x"}, P.MsgType.BYE_ACK: {}, P.MsgType.PONG: {"t": 1.0},
+        P.MsgType.GRAD: {"reply_to": 1, "step": step, "loss": 1.0, "correct": 0, "fedavg_round": None, "timings": {}},
+        P.MsgType.EVAL_RESULT: {"reply_to": 1, "n": n, "loss_sum": None},
+        P.MsgType.WEIGHTS_AVG: {"reply_to": 1, "round": 1, "names": [], "shapes": [], "clients": 1},
+        P.MsgType.ERROR: {"reply_to": 1, "code": "internal", "message": "x"}, P.MsgType.BYE_ACK: {"reply_to": 1},
+        P.MsgType.PONG: {"reply_to": 1, "t": 1.0},
     }
 
 
@@ -657,7 +673,7 @@ def test_fuzz_the_running_server(cloud, art):
             typ = P.MsgType.TRAIN
         else:
             has = data.draw(st.booleans())
-            h = {"eval_id": data.draw(st.integers(0, 100)), "n": n, "has_labels": has}
+            h = {"id": data.draw(st.integers(0, 100)), "n": n, "has_labels": has}
             frames = [blob, y] if has else [blob]
             typ = P.MsgType.EVAL
         if data.draw(st.integers(0, 9)) == 0:  # a frame too many or too few
@@ -697,7 +713,7 @@ def test_fuzz_the_running_server(cloud, art):
                                                         ("activation_shape", [64, 7, 7]), ("input_shape", [3, 32, 32])]))
                 h[key] = value
             h = data.draw(mutated(h), label="header")
-            version = data.draw(st.sampled_from([P.PROTOCOL_VERSION] * 8 + [0, 2, 255]))
+            version = data.draw(st.sampled_from([P.PROTOCOL_VERSION] * 8 + [0, 1, 3, 255]))
             magic = data.draw(st.sampled_from([P.MAGIC] * 8 + [b"SPEC", b"\x00\x00\x00\x00", b"SPL"]))
             nframes = data.draw(st.integers(0, 3))
             frames = []
@@ -749,7 +765,7 @@ def test_fuzz_the_running_server(cloud, art):
                 arrays[0][0] = data.draw(st.sampled_from([np.nan, np.inf]))
             rnd = data.draw(st.one_of(st.just(current), st.just(current), st.integers(0, 3), extreme_ints,
                                       st.integers()), label="round")
-            h = {"round": rnd, "samples": data.draw(st.one_of(st.integers(-5, 100), extreme_ints)), "names": ns,
+            h = {"id": next(WEIGHTS_IDS), "round": rnd, "samples": data.draw(st.one_of(st.integers(-5, 100), extreme_ints)), "names": ns,
                  "shapes": shapes}
             try:
                 head = raw_header(P.MsgType.WEIGHTS, h)
@@ -785,7 +801,7 @@ def test_fuzz_the_running_server(cloud, art):
             out = ex.send(0, P.pack(P.MsgType.TRAIN, train_header(ex.applied[0] + 1, n),
                                     [sc.get("uq", bits=8).encode(activation(n, k)), labels(n, k)]))
             assert out[0].type == P.MsgType.GRAD, out[0].header
-        ex.send(0, P.pack(P.MsgType.EVAL, {"eval_id": k, "n": biggest_n, "has_labels": True},
+        ex.send(0, P.pack(P.MsgType.EVAL, {"id": k, "n": biggest_n, "has_labels": True},
                           [sc.get("uq", bits=8).encode(activation(biggest_n, k)), labels(biggest_n, k)]))
     steps_warm_up()
     rss0, sent0, bytes0 = _rss_mb(cloud.proc.pid), ex.sent, ex.bytes

@@ -367,35 +367,26 @@ def test_profiles_package_is_light():
 # ------------------------------------------------------------------------------------- edge-train --profile
 
 def test_edge_client_applies_the_profile(art, caplog):
-    from splitedge.runtime_edge.client import EdgeClient, EdgeConfig
+    """The prepare step (no socket yet) applies the profile: providers, threads, batch size."""
+    from splitedge.runtime_edge.prepare import EdgeConfig, prepare
 
     port = launch.free_port()
     caplog.set_level(logging.INFO, logger="edge-train")
     cfg = EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH, profile="jetson-nano",
                      batch_size=None, threads=None)
-    client = EdgeClient(cfg)
-    try:
-        assert client.cfg.batch_size == 16 and client.cfg.threads == 4 and client.cfg.device == "cpu"
-        assert client.cfg.inference_providers == [CPU]
-        assert client.model._options.intra_op_num_threads == 4
-        assert client.model.inference_providers_in_use == [CPU]
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profile ")]
-        assert said == ["profile jetson-nano: forward: CPU (TensorRT, CUDA not available); "
-                        "training: CPU (CUDA not available)"]
-    finally:
-        client.ep.close(linger_ms=0)
-    client = EdgeClient(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH,
-                                   profile="jetson-nano", batch_size=8, threads=2))
-    try:
-        assert client.cfg.batch_size == 8 and client.cfg.threads == 2
-    finally:
-        client.ep.close(linger_ms=0)
-    client = EdgeClient(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH,
-                                   batch_size=None))
-    try:
-        assert client.cfg.batch_size == 32 and client.provider_choice is None
-    finally:
-        client.ep.close(linger_ms=0)
+    prep = prepare(cfg)
+    assert prep.cfg.batch_size == 16 and prep.cfg.threads == 4 and prep.cfg.device == "cpu"
+    assert prep.cfg.inference_providers == [CPU]
+    assert prep.model._options.intra_op_num_threads == 4
+    assert prep.model.inference_providers_in_use == [CPU]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profile ")]
+    assert said == ["profile jetson-nano: forward: CPU (TensorRT, CUDA not available); "
+                    "training: CPU (CUDA not available)"]
+    prep = prepare(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH,
+                              profile="jetson-nano", batch_size=8, threads=2))
+    assert prep.cfg.batch_size == 8 and prep.cfg.threads == 2
+    prep = prepare(EdgeConfig(artifacts=str(art), connect=f"tcp://127.0.0.1:{port}", data=SYNTH, batch_size=None))
+    assert prep.cfg.batch_size == 32 and prep.provider_choice is None
 
 
 def test_edge_train_with_a_profile_file_trains_with_its_batch_size(art, tmp_path):

@@ -179,13 +179,13 @@ def _send_known_activation(port: int, curve: security.CurveClient | None) -> byt
         security.apply_client(s, curve)
     s.connect(f"tcp://127.0.0.1:{port}")
     try:
-        s.send_multipart(P.pack(P.MsgType.HELLO, {
+        s.send_multipart(P.pack(P.MsgType.HELLO, {"id": 1,
             "client_id": 0, "num_clients": 1, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
             "input_shape": [1, 28, 28], "num_classes": 10, "samples": 4, "resume_step": 0, "planned_steps": 1}))
         assert P.unpack(s.recv_multipart()).type == P.MsgType.WELCOME
         act = np.random.default_rng(7).random((2, 64, 14, 14), dtype=np.float32) + 1.0
         payload = sc.get("fp32").encode(act)
-        s.send_multipart(P.pack(P.MsgType.TRAIN, {"step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0},
+        s.send_multipart(P.pack(P.MsgType.TRAIN, {"id": 2, "step": 1, "n": 2, "round": 1, "total_rounds": 1, "encode_ms": 0},
                                 [payload, np.array([1, 2], np.int64).tobytes()]))
         assert P.unpack(s.recv_multipart()).type == P.MsgType.GRAD
         return payload
@@ -232,7 +232,7 @@ def _dealer(port: int, keys, client: int, identity: bytes) -> zmq.Socket:
 
 
 def _hello(s: zmq.Socket, client_id: int) -> P.Message:
-    s.send_multipart(P.pack(P.MsgType.HELLO, {
+    s.send_multipart(P.pack(P.MsgType.HELLO, {"id": 1,
         "client_id": client_id, "num_clients": 2, "model": "resnet18", "cut": 3, "activation_shape": [64, 14, 14],
         "input_shape": [1, 28, 28], "num_classes": 10, "samples": 4, "resume_step": 0, "planned_steps": 1}))
     return P.unpack(s.recv_multipart())
@@ -256,7 +256,7 @@ def test_client_ids_are_bound_to_keys(art, keys, tmp_path):
 
         thief = _dealer(port, keys, 2, b"shared-identity")
         socks.append(thief)
-        thief.send_multipart(P.pack(P.MsgType.PING, {"t": 1.0}))
+        thief.send_multipart(P.pack(P.MsgType.PING, {"id": 1, "t": 1.0}))
         reply = P.unpack(thief.recv_multipart())
         assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.CLIENT_ID_TAKEN
         reply = _hello(thief, 1)
@@ -514,13 +514,18 @@ def test_non_finite_or_unlisted_server_weights_in_the_artifacts_are_refused(art,
     assert str(w) in str(e.value)
 
 
-PROGRESS = {"step": 4, "epoch": 0, "batch": 4, "bytes_sent": 10, "bytes_received": 10, "samples": 64, "evals": []}
+RUN = {"model": "resnet18", "cut": 3, "artifacts": "a" * 32, "client_id": 0, "batch_size": 16, "data": "x",
+       "partition": "iid", "seed": 0, "num_clients": 1, "partition_plan": "p"}
+PROGRESS = {"step": 4, "epoch": 0, "batch": 4, "bytes_sent": 10, "bytes_received": 10, "samples": 64, "evals": [],
+            "run": RUN}
 PROGRESS_CASES = {
     "deep nesting": '{"step": 4, "evals": ' + DEEP + "}",
     "step as a string": {**PROGRESS, "step": "4"},
     "step as a float": {**PROGRESS, "step": 4.5},
     "evals as a string": {**PROGRESS, "evals": "none"},
     "run as a list": {**PROGRESS, "run": [1]},
+    "no run": {k: v for k, v in PROGRESS.items() if k != "run"},
+    "a run without its shard plan": {**PROGRESS, "run": {k: v for k, v in RUN.items() if k != "partition_plan"}},
     "a negative step": {**PROGRESS, "step": -3},
     "a step of 2**70": {**PROGRESS, "step": 2**70},
     "a negative byte count": {**PROGRESS, "bytes_sent": -1},
@@ -530,7 +535,8 @@ PROGRESS_CASES = {
 
 @pytest.mark.parametrize("case", list(PROGRESS_CASES))
 def test_a_hostile_edge_progress_file_is_refused_naming_it(tmp_path, case):
-    from splitedge.runtime_edge.client import EdgeInputError, _load_progress
+    from splitedge.runtime_edge.errors import EdgeInputError
+    from splitedge.runtime_edge.resume import load_progress as _load_progress
 
     content = PROGRESS_CASES[case]
     path = tmp_path / "edge_progress.json"
@@ -544,6 +550,8 @@ def test_a_hostile_edge_progress_file_is_refused_naming_it(tmp_path, case):
 def test_a_resumed_edge_checkpoint_with_nan_weights_or_an_impossible_position_exits_2(art, tmp_path):
     """The ORT checkpoint of a diverged run (NaN weights), and a progress file whose batch lies beyond
     the epoch (the batch stream would yield nothing, forever): refused at start, exit 2."""
+    from helpers import edge_run_identity
+
     from splitedge.fsutil import CheckpointDir
     from splitedge.runtime_edge.ort_backend import EdgeModel
 
@@ -551,8 +559,9 @@ def test_a_resumed_edge_checkpoint_with_nan_weights_or_an_impossible_position_ex
     params = model.get_parameters()
     name = sorted(params)[0]
     model.set_parameters({name: np.full_like(params[name], np.nan)})
-    cases = {"nan": ({"step": 2, "epoch": 0, "batch": 2}, True, "holds NaN or Inf"),
-             "position": ({"step": 2, "epoch": 0, "batch": 999}, False, "batch 999 is beyond")}
+    run = edge_run_identity(art, SYNTH, 16)
+    cases = {"nan": ({"step": 2, "epoch": 0, "batch": 2, "run": run}, True, "holds NaN or Inf"),
+             "position": ({"step": 2, "epoch": 0, "batch": 999, "run": run}, False, "batch 999 is beyond")}
     for case, (progress, poisoned, needle) in cases.items():
         root = tmp_path / case
 
@@ -569,7 +578,8 @@ def test_a_resumed_edge_checkpoint_with_nan_weights_or_an_impossible_position_ex
 
 
 def test_a_deeply_nested_file_at_the_summary_path_is_kept(tmp_path):
-    from splitedge.runtime_edge.client import EdgeInputError, _check_summary_target
+    from splitedge.runtime_edge.errors import EdgeInputError
+    from splitedge.runtime_edge.prepare import check_summary_target as _check_summary_target
 
     path = tmp_path / "s.json"
     path.write_text(DEEP)

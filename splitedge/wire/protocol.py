@@ -1,4 +1,4 @@
-"""The wire protocol between ``edge-train`` (DEALER) and ``cloud-serve`` (ROUTER). Version 1.
+"""The wire protocol between ``edge-train`` (DEALER) and ``cloud-serve`` (ROUTER). Version 2.
 
 Every message is a ZeroMQ multipart message (the ROUTER sees the DEALER's identity
 frame first; it is not part of the protocol)::
@@ -14,39 +14,54 @@ codec payloads (self-describing, CRC-checked, see :mod:`splitedge.codecs`) or ra
 little-endian arrays whose dtype and shape the header states and the receiver
 checks against what it expects.
 
-Message types (header fields beyond the common ``v``-less JSON; ``frames`` is the
-number of payload frames):
+Requests and replies: every request (edge->cloud) carries ``id``, an integer
+unique among the requests of one connection (a retry of a request is sent again with the
+same ``id``); every reply, ERROR included, carries ``reply_to``, the ``id`` of the request it
+answers (``null`` on an ERROR about a message whose id could not be read), as
+jupyter_client's ``msg_id``/``parent_header`` do. The edge takes as the answer to its
+request the first reply whose ``reply_to`` is that request's id (or an ERROR whose
+``reply_to`` is ``null``) and drops every other message; ``step`` is never used to match
+replies, only to apply each train step once. The builders below (:func:`hello`,
+:func:`train`, :func:`grad`, ...) are the one way to make each message.
+
+Message types (header fields; ``frames`` is the number of payload frames):
 
 ===========  ====  ===========  =========================================================  ======
 type         id    direction    header                                                     frames
 ===========  ====  ===========  =========================================================  ======
-HELLO        1     edge->cloud  client_id, num_clients, model, cut, activation_shape,      0
+HELLO        1     edge->cloud  id, client_id, num_clients, model, cut, activation_shape,  0
                                 input_shape, num_classes, samples, resume_step, planned_steps,
                                 [partition {plan, digest, numpy}: see runtime_edge.data.
                                 partition_fingerprint; edges with one plan must agree],
                                 [fresh: true for a run's first HELLO without --resume:
                                 refused (client_id_taken) if the id already has steps],
                                 [client_files: export.manifest.client_digest of the edge half]
-WELCOME      2     cloud->edge  session, codec {name, params}, grad_codec {name, params},  0
-                                fedavg_every, last_step (steps already applied for
-                                this client id), server_step, [client_files: the cloud's
-                                artifacts' client_digest; each side warns if they differ]
-TRAIN        3     edge->cloud  step, n, round, total_rounds, encode_ms                    2: activation payload,
+WELCOME      2     cloud->edge  reply_to, session, codec {name, params}, grad_codec        0
+                                {name, params}, fedavg_every, last_step (steps already
+                                applied for this client id), server_step, [client_files: the
+                                cloud's artifacts' client_digest; each side warns if they differ]
+TRAIN        3     edge->cloud  id, step, n, round, total_rounds, encode_ms                2: activation payload,
                                                                                            labels int64[n]
-GRAD         4     cloud->edge  step, loss, correct, fedavg_round (or null), timings       1: gradient payload
-EVAL         5     edge->cloud  eval_id, n, has_labels                                     1-2: activation payload
+GRAD         4     cloud->edge  reply_to, step, loss, correct, fedavg_round (or null),     1: gradient payload
+                                timings
+EVAL         5     edge->cloud  id, n, has_labels                                          1-2: activation payload
                                                                                            [, labels int64[n]]
-EVAL_RESULT  6     cloud->edge  eval_id, n, loss_sum (null without labels)                 1: predictions int64[n]
-WEIGHTS      7     edge->cloud  round, samples, names, shapes                              one float32 array per name
-WEIGHTS_AVG  8     cloud->edge  round, names, shapes, clients                              one float32 array per name
-ERROR        9     both         code, message, re (the type name of the message it         0
-                                answers, null if unparsable), [step, expected_step]
-BYE          10    edge->cloud  reason ("interrupted": the edge stopped and may --resume:     0
-                                its place is freed, its progress kept, no BYE_ACK), steps
-BYE_ACK      11    cloud->edge  (empty)                                                    0
-PING         12    both         t                                                          0
-PONG         13    both         t                                                          0
+EVAL_RESULT  6     cloud->edge  reply_to, n, loss_sum (null without labels)                1: predictions int64[n]
+WEIGHTS      7     edge->cloud  id, round, samples, names, shapes                          one float32 array per name
+WEIGHTS_AVG  8     cloud->edge  reply_to, round, names, shapes, clients                    one float32 array per name
+ERROR        9     cloud->edge  reply_to (or null), code, message, [step, expected_step]   0
+BYE          10    edge->cloud  id, reason ("interrupted": the edge stopped and may         0
+                                --resume: its place is freed, its progress kept, no
+                                BYE_ACK), steps
+BYE_ACK      11    cloud->edge  reply_to                                                   0
+PING         12    edge->cloud  id, t                                                      0
+PONG         13    cloud->edge  reply_to, t                                                0
 ===========  ====  ===========  =========================================================  ======
+
+Versions: a message of another protocol version is refused as a whole (:class:`VersionError`).
+The cloud answers a version-1 peer with an ERROR ``unsupported_version`` framed as version 1
+(whose ERROR is the same ``code``/``message`` object), so an old edge can say why; the edge
+stops at once with a clear message when the cloud speaks another version.
 
 Step ids: ``step`` counts a client's train steps from 1. The cloud applies step s of
 client c at most once: a retry of the step it applied last is answered from a cache
@@ -70,7 +85,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"SPLE"
 _PREFIX = struct.Struct("<4sBB")
 MAX_HEADER_BYTES = 64 * 1024
@@ -106,14 +121,26 @@ class ErrorCode:
     TOO_MANY_ERRORS = "too_many_errors"  # the client is disconnected
     SERVER_FULL = "server_full"  # --max-clients clients are being served: HELLO refused, try later
     CLIENT_ID_TAKEN = "client_id_taken"  # with CURVE: the client id (or routing identity) belongs to another key
+    UNSUPPORTED_VERSION = "unsupported_version"  # a message of another protocol version
 
 
 class ProtocolError(ValueError):
-    """A message that is not valid protocol version 1; ``code`` is an :class:`ErrorCode`."""
+    """A message that is not valid protocol; ``code`` is an :class:`ErrorCode`. ``reply_to`` is the
+    request id of the message it is about, where that could be read (None otherwise)."""
 
-    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE):
+    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE, reply_to: int | None = None):
         super().__init__(message)
         self.code = code
+        self.reply_to = reply_to
+
+
+class VersionError(ProtocolError):
+    """A message framed with another protocol version (``version``) than :data:`PROTOCOL_VERSION`."""
+
+    def __init__(self, version: int):
+        super().__init__(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})",
+                         ErrorCode.UNSUPPORTED_VERSION)
+        self.version = version
 
 
 # Header schemas: required field -> accepted types. Extra fields are allowed (forward compatible).
@@ -121,26 +148,27 @@ _NUM = (int, float)
 _OPT_INT = (int, type(None))
 SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.HELLO: {
-        "client_id": (int,), "num_clients": (int,), "model": (str,), "cut": (int,),
+        "id": (int,), "client_id": (int,), "num_clients": (int,), "model": (str,), "cut": (int,),
         "activation_shape": (list,), "input_shape": (list,), "num_classes": (int,),
         "samples": (int,), "resume_step": (int,), "planned_steps": (int,),
     },
     MsgType.WELCOME: {
-        "session": (str,), "codec": (dict,), "grad_codec": (dict,), "fedavg_every": (int,),
+        "reply_to": (int,), "session": (str,), "codec": (dict,), "grad_codec": (dict,), "fedavg_every": (int,),
         "last_step": (int,), "server_step": (int,),
     },
-    MsgType.TRAIN: {"step": (int,), "n": (int,), "round": (int,), "total_rounds": (int,), "encode_ms": _NUM},
-    MsgType.GRAD: {"step": (int,), "loss": _NUM, "correct": (int,), "fedavg_round": _OPT_INT, "timings": (dict,)},
-    MsgType.EVAL: {"eval_id": (int,), "n": (int,), "has_labels": (bool,)},
-    MsgType.EVAL_RESULT: {"eval_id": (int,), "n": (int,), "loss_sum": (float, int, type(None))},
-    MsgType.WEIGHTS: {"round": (int,), "samples": (int,), "names": (list,), "shapes": (list,)},
-    MsgType.WEIGHTS_AVG: {"round": (int,), "names": (list,), "shapes": (list,), "clients": (int,)},
-    MsgType.ERROR: {"code": (str,), "message": (str,)},
-    MsgType.BYE: {"reason": (str,), "steps": (int,)},
-    MsgType.BYE_ACK: {},
-    MsgType.PING: {"t": _NUM},
-    MsgType.PONG: {"t": _NUM},
+    MsgType.TRAIN: {"id": (int,), "step": (int,), "n": (int,), "round": (int,), "total_rounds": (int,), "encode_ms": _NUM},
+    MsgType.GRAD: {"reply_to": (int,), "step": (int,), "loss": _NUM, "correct": (int,), "fedavg_round": _OPT_INT, "timings": (dict,)},
+    MsgType.EVAL: {"id": (int,), "n": (int,), "has_labels": (bool,)},
+    MsgType.EVAL_RESULT: {"reply_to": (int,), "n": (int,), "loss_sum": (float, int, type(None))},
+    MsgType.WEIGHTS: {"id": (int,), "round": (int,), "samples": (int,), "names": (list,), "shapes": (list,)},
+    MsgType.WEIGHTS_AVG: {"reply_to": (int,), "round": (int,), "names": (list,), "shapes": (list,), "clients": (int,)},
+    MsgType.ERROR: {"reply_to": _OPT_INT, "code": (str,), "message": (str,)},
+    MsgType.BYE: {"id": (int,), "reason": (str,), "steps": (int,)},
+    MsgType.BYE_ACK: {"reply_to": (int,)},
+    MsgType.PING: {"id": (int,), "t": _NUM},
+    MsgType.PONG: {"reply_to": (int,), "t": _NUM},
 }
+REQUESTS = frozenset(t for t, schema in SCHEMAS.items() if "id" in schema)  # edge->cloud, answered by one reply
 
 
 @dataclass
@@ -171,6 +199,25 @@ def encode_header(type_: MsgType, header: dict[str, Any]) -> bytes:
 def pack(type_: MsgType, header: dict[str, Any] | None = None, frames: list[Any] | None = None) -> list[Any]:
     """The frames of one message, ready for ``socket.send_multipart(..., copy=False)``."""
     return [encode_header(type_, header or {}), *(frames or [])]
+
+
+def pack_message(msg: Message) -> list[Any]:
+    return pack(msg.type, msg.header, msg.frames)
+
+
+def pack_request(msg: Message, request_id: int) -> list[Any]:
+    """Request ``msg`` (built without an id) as request ``request_id``."""
+    return pack(msg.type, {"id": request_id, **msg.header}, msg.frames)
+
+
+def pack_version_error(version: int, message: str) -> list[Any] | None:
+    """An ERROR ``unsupported_version`` framed as protocol ``version`` speaks it, for a peer of that version;
+    None for a version whose ERROR layout this side does not know (only version 1's is known)."""
+    if version != 1:
+        return None
+    body = json.dumps({"code": ErrorCode.UNSUPPORTED_VERSION, "message": message, "re": None, "step": None},
+                      separators=(",", ":")).encode()
+    return [_PREFIX.pack(MAGIC, 1, int(MsgType.ERROR)) + body]
 
 
 def _frame_bytes(f: Any) -> memoryview:
@@ -210,7 +257,7 @@ def unpack(frames: list[Any]) -> Message:
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a splitedge message")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+        raise VersionError(version)
     try:
         type_ = MsgType(type_id)
     except ValueError:
@@ -223,13 +270,16 @@ def unpack(frames: list[Any]) -> Message:
         raise ProtocolError(f"{type_.name} header is not valid UTF-8 JSON: {what}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{type_.name} header must be a JSON object")
+    rid = header.get("id")
+    rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None  # for the ERROR that answers it
     for key, types in SCHEMAS[type_].items():
         if key not in header:
-            raise ProtocolError(f"{type_.name} header lacks field {key!r}")
+            raise ProtocolError(f"{type_.name} header lacks field {key!r}", reply_to=rid)
         val = header[key]
         if not isinstance(val, types) or (isinstance(val, bool) and bool not in types):
             raise ProtocolError(
-                f"{type_.name} field {key!r} must be {'/'.join(t.__name__ for t in types)}, got {type(val).__name__}"
+                f"{type_.name} field {key!r} must be {'/'.join(t.__name__ for t in types)}, got {type(val).__name__}",
+                reply_to=rid,
             )
     nbytes = len(head) + sum(len(_frame_bytes(f)) for f in frames[1:])
     return Message(type_, header, list(frames[1:]), nbytes)
@@ -296,3 +346,83 @@ def check_shapes(names: list, shapes: list, expected: dict[str, tuple[int, ...]]
             raise ProtocolError(f"{what}: parameter {name} has shape {shape}, expected {list(expected[name])}")
         out.append(tuple(shape))
     return out
+
+
+# ----------------------------------------------------------------------------- message builders
+# One function per message type. Requests are built without ``id`` (the edge's channel numbers
+# them as it sends); replies take the ``reply_to`` of the request they answer.
+
+
+def _msg(type_: MsgType, frames: list[Any] | None = None, **header: Any) -> Message:
+    return Message(type_, {k: v for k, v in header.items() if v is not _ABSENT}, list(frames or []))
+
+
+_ABSENT: Any = object()  # an optional header field left out
+
+
+def hello(*, client_id: int, num_clients: int, model: str, cut: int, activation_shape: Any, input_shape: Any,
+          num_classes: int, samples: int, resume_step: int, planned_steps: int, partition: Any = _ABSENT,
+          fresh: Any = _ABSENT, client_files: Any = _ABSENT) -> Message:
+    return _msg(MsgType.HELLO, client_id=client_id, num_clients=num_clients, model=model, cut=cut,
+                activation_shape=list(activation_shape), input_shape=list(input_shape), num_classes=num_classes,
+                samples=samples, resume_step=resume_step, planned_steps=planned_steps, partition=partition,
+                fresh=fresh, client_files=client_files)
+
+
+def welcome(reply_to: int, *, session: str, codec: dict, grad_codec: dict, fedavg_every: int, last_step: int,
+            server_step: int, client_files: Any = _ABSENT) -> Message:
+    return _msg(MsgType.WELCOME, reply_to=reply_to, session=session, codec=codec, grad_codec=grad_codec,
+                fedavg_every=fedavg_every, last_step=last_step, server_step=server_step, client_files=client_files)
+
+
+def train(*, step: int, n: int, total_rounds: int, encode_ms: float, activation: Any, labels: np.ndarray) -> Message:
+    return _msg(MsgType.TRAIN, [activation, array_frame(labels, "int64")], step=step, n=n, round=step,
+                total_rounds=total_rounds, encode_ms=encode_ms)
+
+
+def grad(reply_to: int, *, step: int, loss: float, correct: int, fedavg_round: int | None, timings: dict,
+         gradient: Any) -> Message:
+    return _msg(MsgType.GRAD, [gradient], reply_to=reply_to, step=step, loss=loss, correct=correct,
+                fedavg_round=fedavg_round, timings=timings)
+
+
+def eval_request(*, activation: Any, labels: np.ndarray | None, n: int) -> Message:
+    frames = [activation] + ([array_frame(labels, "int64")] if labels is not None else [])
+    return _msg(MsgType.EVAL, frames, n=n, has_labels=labels is not None)
+
+
+def eval_result(reply_to: int, *, n: int, loss_sum: float | None, predictions: np.ndarray) -> Message:
+    return _msg(MsgType.EVAL_RESULT, [array_frame(predictions, "int64")], reply_to=reply_to, n=n, loss_sum=loss_sum)
+
+
+def weights(*, rnd: int, samples: int, params: dict[str, np.ndarray]) -> Message:
+    names = sorted(params)
+    return _msg(MsgType.WEIGHTS, [array_frame(params[k], "float32") for k in names], round=rnd, samples=samples,
+                names=names, shapes=[list(params[k].shape) for k in names])
+
+
+def weights_avg(reply_to: int, *, rnd: int, params: dict[str, np.ndarray], clients: int) -> Message:
+    names = sorted(params)
+    return _msg(MsgType.WEIGHTS_AVG, [array_frame(params[k], "float32") for k in names], reply_to=reply_to,
+                round=rnd, names=names, shapes=[list(params[k].shape) for k in names], clients=clients)
+
+
+def error(reply_to: int | None, *, code: str, message: str, **extra: Any) -> Message:
+    """ERROR answering request ``reply_to``; ``extra``: ``step``, ``expected_step``."""
+    return _msg(MsgType.ERROR, reply_to=reply_to, code=code, message=message, **extra)
+
+
+def bye(*, reason: str, steps: int) -> Message:
+    return _msg(MsgType.BYE, reason=reason, steps=steps)
+
+
+def bye_ack(reply_to: int) -> Message:
+    return _msg(MsgType.BYE_ACK, reply_to=reply_to)
+
+
+def ping(*, t: float) -> Message:
+    return _msg(MsgType.PING, t=t)
+
+
+def pong(reply_to: int, *, t: float) -> Message:
+    return _msg(MsgType.PONG, reply_to=reply_to, t=t)

@@ -61,7 +61,7 @@ def _wait_for_cloud(ctx, endpoint: str, proc: subprocess.Popen, timeout_s: float
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
     try:
-        s.send_multipart(P.pack(P.MsgType.PING, {"t": 0}))
+        s.send_multipart(P.pack_request(P.ping(t=0), 1))
         deadline = time.monotonic() + timeout_s
         while not s.poll(200):
             if proc.poll() is not None:
@@ -138,8 +138,9 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
         def send_train(c: SimClient) -> None:
             c.step += 1
             k = c.step % len(c.payloads)
-            frames = P.pack(P.MsgType.TRAIN, {"step": c.step, "n": batch_size, "round": c.step, "total_rounds": steps,
-                                              "encode_ms": 0.0}, [c.payloads[k], c.labels[k]])
+            frames = P.pack_request(P.train(step=c.step, n=batch_size, total_rounds=steps, encode_ms=0.0,
+                                            activation=c.payloads[k], labels=np.frombuffer(c.labels[k], "<i8")),
+                                    c.step)  # request id: the step (HELLO is request 0)
             c.sent_at = time.perf_counter()
             c.sock.send_multipart(frames, copy=False)
 
@@ -148,11 +149,10 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
             c.state = "failed"
 
         for c in sims:
-            c.sock.send_multipart(P.pack(P.MsgType.HELLO, {
-                "client_id": c.cid, "num_clients": clients, "model": m.model, "cut": m.cut,
-                "activation_shape": list(m.activation_shape), "input_shape": list(m.input_shape),
-                "num_classes": m.num_classes, "samples": batch_size * steps, "resume_step": 0,
-                "planned_steps": steps}))
+            c.sock.send_multipart(P.pack_request(P.hello(
+                client_id=c.cid, num_clients=clients, model=m.model, cut=m.cut,
+                activation_shape=m.activation_shape, input_shape=m.input_shape, num_classes=m.num_classes,
+                samples=batch_size * steps, resume_step=0, planned_steps=steps), 0))
             c.sent_at = time.perf_counter()
         t_first = t_last = None
         while any(c.state not in ("done", "failed") for c in sims):
@@ -187,7 +187,7 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
                     c.state = "train"
                     t_first = t_first or time.perf_counter()
                     send_train(c)
-                elif c.state == "train" and msg.type == P.MsgType.GRAD and msg.header["step"] == c.step:
+                elif c.state == "train" and msg.type == P.MsgType.GRAD and msg.header["reply_to"] == c.step:
                     c.latencies_ms.append((t_recv - c.sent_at) * 1000)
                     t_last = t_recv
                     tm = msg.header["timings"]
@@ -201,7 +201,7 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
                     else:
                         c.state = "bye"
                         c.sent_at = time.perf_counter()
-                        c.sock.send_multipart(P.pack(P.MsgType.BYE, {"reason": "finished", "steps": c.step}))
+                        c.sock.send_multipart(P.pack_request(P.bye(reason="finished", steps=c.step), c.step + 1))
                 elif c.state == "bye" and msg.type == P.MsgType.BYE_ACK:
                     c.state = "done"
                 elif msg.type != P.MsgType.PONG:
