@@ -4,7 +4,7 @@ numpy only (the edge has no torch).  Public API::
 
     available() -> list[str]
     get(name, **params) -> Codec                       # ValueError naming the allowed values
-    codec.encode(x, *, round=None, total_rounds=None, training=True) -> bytes
+    codec.encode(x, *, step=None, total_rounds=None, training=True) -> bytes
     decode(blob, *, max_bytes=None) -> np.ndarray      # stateless; PayloadError if malformed
     decode_with_meta(blob, *, max_bytes=None) -> (np.ndarray, dict)
     codec.backward(grad, meta) -> np.ndarray           # the cloud's rule for dL/dQ(X)
@@ -22,19 +22,12 @@ from typing import Any
 
 import numpy as np
 
+# importing a codec module registers its codecs (@register carries each one's name and wire id)
+from . import clio, easyquant, fp, powerquant, pq, randtopk, sgq, slacc, splitfc, uq  # noqa: F401
 from . import format as _fmt
 from .base import Codec, Param
-from .clio import Clio
-from .easyquant import EasyQuant
 from .format import DEFAULT_MAX_BYTES, PayloadError
-from .fp import FP16, FP32
-from .powerquant import PowerQuant
-from .pq import PQ
-from .randtopk import RandTopk
-from .sgq import SGQ
-from .slacc import SLACC
-from .splitfc import SplitFC
-from .uq import UQ
+from .registry import CODEC_CLASSES, CODEC_IDS, register
 
 __all__ = [
     "Codec",
@@ -44,24 +37,20 @@ __all__ = [
     "available",
     "get",
     "codec_class",
+    "register",
     "decode",
     "decode_with_meta",
 ]
 
-_REGISTRY: dict[str, type[Codec]] = {
-    cls.name: cls for cls in (FP32, FP16, UQ, SLACC, SGQ, PQ, PowerQuant, RandTopk, SplitFC, Clio, EasyQuant)
-}
-assert set(_REGISTRY) == set(_fmt.CODEC_IDS), "every codec needs an explicit id in format.CODEC_IDS"
-
 
 def available() -> list[str]:
     """Registered codec names, in the order of their wire ids."""
-    return sorted(_REGISTRY, key=_fmt.CODEC_IDS.__getitem__)
+    return sorted(CODEC_CLASSES, key=CODEC_IDS.__getitem__)
 
 
 def codec_class(name: str) -> type[Codec]:
     try:
-        return _REGISTRY[name]
+        return CODEC_CLASSES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown codec {name!r}; available: {', '.join(available())}") from None
 
@@ -75,10 +64,20 @@ def decode_with_meta(blob: bytes, *, max_bytes: int | None = None) -> tuple[np.n
     """Decodes any codec's payload; returns (float32 array, meta for the backward rule).
 
     meta always holds ``codec`` (name), ``codec_version`` and ``shape``, plus codec-specific
-    numpy arrays and plain values (see each codec's docstring).
+    numpy arrays and plain values (see each codec's docstring).  A stream that expects one
+    codec decodes with :meth:`Codec.decode_with_meta`, which refuses other codecs' payloads.
     """
+    return _decode(blob, max_bytes, None)
+
+
+def _decode(blob: bytes, max_bytes: int | None, expect: type[Codec] | None) -> tuple[np.ndarray, dict]:
     h = _fmt.parse(blob, max_bytes=max_bytes)
-    cls = _REGISTRY[h.codec_name]
+    cls = CODEC_CLASSES[h.codec_name]
+    if expect is not None and h.codec_id != expect.wire_id:
+        raise PayloadError(
+            f"a {cls.name} payload (codec id {h.codec_id}), but this stream's codec is {expect.name} "
+            f"(codec id {expect.wire_id})"
+        )
     if h.codec_version not in cls.read_versions:
         raise PayloadError(
             f"unsupported {cls.name} codec version {h.codec_version} (this build reads {list(cls.read_versions)})"
@@ -98,4 +97,4 @@ def decode_with_meta(blob: bytes, *, max_bytes: int | None = None) -> tuple[np.n
 
 def decode(blob: bytes, *, max_bytes: int | None = None) -> np.ndarray:
     """Decodes any codec's payload to a float32 array (stateless)."""
-    return decode_with_meta(blob, max_bytes=max_bytes)[0]
+    return _decode(blob, max_bytes, None)[0]

@@ -22,9 +22,6 @@ import numpy as np
 from . import format as fmt
 from .format import PayloadError
 
-_NO_DEFAULT = object()
-
-
 @dataclass(frozen=True)
 class Param:
     """One codec setting: its default, type and allowed values (validated by :class:`Codec`)."""
@@ -105,7 +102,8 @@ def seed_param() -> Param:
 class Codec:
     """Base class: ``encode`` -> self-describing bytes, stateless ``decode``, the cloud's ``backward`` rule."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set with wire_id by @register(name, wire_id=...) (registry.py)
+    wire_id: ClassVar[int] = 0
     version: ClassVar[int] = 1  # payload version this implementation writes
     read_versions: ClassVar[tuple[int, ...]] = (1,)  # payload versions it reads
     minmax_version: ClassVar[int | None] = None  # the version written with grid="minmax" (grid codecs)
@@ -129,7 +127,7 @@ class Codec:
 
     @property
     def codec_id(self) -> int:
-        return fmt.CODEC_IDS[self.name]
+        return self.wire_id
 
     @property
     def params(self) -> dict[str, Any]:
@@ -148,41 +146,42 @@ class Codec:
         self,
         x: np.ndarray,
         *,
-        round: int | None = None,  # noqa: A002 - the issue's name for the training round
+        step: int | None = None,
         total_rounds: int | None = None,
         training: bool = True,
     ) -> bytes:
         """Compresses a float array of rank 2..4 (cast to float32) into one payload.
 
-        ``round``/``total_rounds`` matter to codecs with a schedule (SL-ACC); ``training=False``
-        marks evaluation batches (no state change; randomized codecs use their deterministic rule).
-        Non-finite input raises ValueError.
+        ``step``/``total_rounds`` (the training step t of this stream and the planned total T)
+        matter to codecs with a schedule (SL-ACC); ``training=False`` marks evaluation batches (no
+        state change; randomized codecs use their deterministic rule). Non-finite input raises ValueError.
         """
         x = check_input(x)
-        if round is not None and (isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0):
-            raise ValueError(f"round must be a non-negative integer or None, got {round!r}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
+            raise ValueError(f"step must be a non-negative integer or None, got {step!r}")
         if total_rounds is not None and (
             isinstance(total_rounds, bool) or not isinstance(total_rounds, (int, np.integer)) or total_rounds < 1
         ):
             raise ValueError(f"total_rounds must be a positive integer or None, got {total_rounds!r}")
-        params, sections = self._encode(x, round=round, total_rounds=total_rounds, training=bool(training))
+        params, sections = self._encode(x, step=step, total_rounds=total_rounds, training=bool(training))
         return fmt.build(self.codec_id, self.version, x.shape, params, sections)
 
-    def _encode(self, x: np.ndarray, *, round, total_rounds, training) -> tuple[bytes, list]:  # noqa: A002
+    def _encode(self, x: np.ndarray, *, step, total_rounds, training) -> tuple[bytes, list]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ decode
 
     def decode(self, blob: bytes, *, max_bytes: int | None = None) -> np.ndarray:
-        """Stateless: the same as :func:`splitedge.codecs.decode` (any codec's payload is accepted)."""
-        from . import decode
-
-        return decode(blob, max_bytes=max_bytes)
+        """Stateless, like :func:`splitedge.codecs.decode`, but only this codec's payloads: another
+        codec's (a valid payload with another wire id) raises PayloadError naming both."""
+        return self.decode_with_meta(blob, max_bytes=max_bytes)[0]
 
     def decode_with_meta(self, blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
-        from . import decode_with_meta
+        """:func:`splitedge.codecs.decode_with_meta` for this stream: refuses other codecs' payloads
+        (their meta would not fit this codec's backward rule)."""
+        from . import _decode
 
-        return decode_with_meta(blob, max_bytes=max_bytes)
+        return _decode(blob, max_bytes, type(self))
 
     @classmethod
     def _decode(cls, h: fmt.Header) -> tuple[np.ndarray, dict]:

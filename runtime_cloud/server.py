@@ -533,13 +533,14 @@ class CloudServer:
                 f"and --seed ({why}); their shards would overlap. Use the same splitedge and numpy on every edge.",
                 P.ErrorCode.INCOMPATIBLE)
 
-    def _decode_activation(self, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
+    def _decode_activation(self, s: Session, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
         if n < 1:
             raise P.ProtocolError(f"{what}: n must be >= 1, got {n}")
         # a compressed payload may not decode to more than the largest message (a 1-bit payload would
-        # otherwise make a message of --max-message-mb allocate 32 times that); checked before allocating
-        act, meta = sc.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame,
-                                        max_bytes=self.cfg.max_message_bytes)
+        # otherwise make a message of --max-message-mb allocate 32 times that); checked before allocating.
+        # The session's own codec decodes: another codec's payload is a PayloadError (bad_payload)
+        act, meta = s.fwd.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame,
+                                           max_bytes=self.cfg.max_message_bytes)
         expect = (n, *self.manifest.activation_shape)
         if act.shape != expect:
             raise P.ProtocolError(f"{what}: activation has shape {act.shape}, expected {expect}", P.ErrorCode.SHAPE_MISMATCH)
@@ -547,9 +548,6 @@ class CloudServer:
             raise P.ProtocolError(f"{what}: activation dtype {act.dtype}, expected float32", P.ErrorCode.SHAPE_MISMATCH)
         if not np.isfinite(act).all():
             raise P.ProtocolError(f"{what}: activation contains NaN or Inf", P.ErrorCode.NOT_FINITE)
-        if meta["codec"] != self.cfg.codec:  # its backward rule needs this codec's own metadata
-            raise P.ProtocolError(f"{what}: a {meta['codec']} payload, but this cloud's codec is {self.cfg.codec} "
-                                  "(see WELCOME)", P.ErrorCode.BAD_PAYLOAD)
         return act, meta
 
     def _on_train(self, identity: bytes, msg: P.Message) -> None:
@@ -577,7 +575,7 @@ class CloudServer:
             raise P.ProtocolError(f"TRAIN: round must be >= 0 and total_rounds >= 1, got {h['round']} and "
                                   f"{h['total_rounds']}")
         t0 = time.perf_counter()
-        act, meta = self._decode_activation(msg.frames[0], h["n"], "TRAIN")
+        act, meta = self._decode_activation(s, msg.frames[0], h["n"], "TRAIN")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes)
         t1 = time.perf_counter()
         try:
@@ -588,7 +586,7 @@ class CloudServer:
         t2 = time.perf_counter()
         grad = s.fwd.backward(res.grad, meta)
         t3 = time.perf_counter()
-        blob = s.grad.encode(np.ascontiguousarray(grad, dtype=np.float32), round=h["round"], total_rounds=h["total_rounds"])
+        blob = s.grad.encode(np.ascontiguousarray(grad, dtype=np.float32), step=h["round"], total_rounds=h["total_rounds"])
         t4 = time.perf_counter()
         self.server_step += 1
         s.last_step = step
@@ -629,7 +627,7 @@ class CloudServer:
         h = msg.header
         s.bytes_in += msg.nbytes
         P.expect_frames(msg, 2 if h["has_labels"] else 1)
-        act, _ = self._decode_activation(msg.frames[0], h["n"], "EVAL")
+        act, _ = self._decode_activation(s, msg.frames[0], h["n"], "EVAL")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes) if h["has_labels"] else None
         pred, loss_sum = self.model.evaluate(act, labels)
         if loss_sum is not None and not np.isfinite(loss_sum):

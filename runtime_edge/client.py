@@ -528,7 +528,7 @@ class EdgeClient:
         t0 = time.perf_counter()
         act = self.model.forward(x)
         t1 = time.perf_counter()
-        blob = self._encode(act, f"training diverged at step {step}", round=step, total_rounds=self.planned_steps)
+        blob = self._encode(act, f"training diverged at step {step}", step=step, total_rounds=self.planned_steps)
         t2 = time.perf_counter()
         header = {"step": step, "n": int(x.shape[0]), "round": step, "total_rounds": self.planned_steps,
                   "encode_ms": round((t2 - t1) * 1000, 3)}

@@ -354,7 +354,7 @@ def _train(port: int, steps: int) -> None:
         enc = sc.get("uq", bits=4)
         rng = np.random.default_rng(0)
         for step in range(first, first + steps):
-            blob = enc.encode(rng.standard_normal((4, *ACT)).astype(np.float32), round=step, total_rounds=100)
+            blob = enc.encode(rng.standard_normal((4, *ACT)).astype(np.float32), step=step, total_rounds=100)
             labels = np.array([0, 1, 2, 3], dtype="<i8").tobytes()
             grad = ask(P.pack(P.MsgType.TRAIN, {"step": step, "n": 4, "round": step, "total_rounds": 100,
                                                 "encode_ms": 0.0}, [blob, labels]))
@@ -485,7 +485,7 @@ class _Harness:
 
     def train(self, identity: bytes, step: int) -> P.Message:
         blob = sc.get("uq", bits=4).encode(np.random.default_rng(step).standard_normal((4, *ACT)).astype(np.float32),
-                                           round=step, total_rounds=10)
+                                           step=step, total_rounds=10)
         return self.ask(identity, P.MsgType.TRAIN, {"step": step, "n": 4, "round": step, "total_rounds": 10,
                                                     "encode_ms": 0.0}, [blob, np.arange(4, dtype="<i8").tobytes()])
 
