@@ -6,7 +6,7 @@ numpy only (the edge has no torch).  Public API::
     get(name, **params) -> Codec                       # ValueError naming the allowed values
     codec.encode(x, *, step=None, total_rounds=None, training=True) -> bytes
     decode(blob, *, max_bytes=None) -> np.ndarray      # stateless; PayloadError if malformed
-    decode_with_meta(blob, *, max_bytes=None) -> (np.ndarray, dict)
+    decode_with_meta(blob, *, max_bytes=None) -> (np.ndarray, Meta)
     codec.backward(grad, meta) -> np.ndarray           # the cloud's rule for dL/dQ(X)
     codec.observe_gradient(grad) -> None               # the edge, after receiving the gradient
     codec.name, codec.params                           # get(codec.name, **codec.params) rebuilds it
@@ -25,12 +25,13 @@ import numpy as np
 # importing a codec module registers its codecs (@register carries each one's name and wire id)
 from . import clio, easyquant, fp, powerquant, pq, randtopk, sgq, slacc, splitfc, uq  # noqa: F401
 from . import format as _fmt
-from .base import Codec, Param
+from .base import Codec, Meta, Param
 from .format import DEFAULT_MAX_BYTES, PayloadError
 from .registry import CODEC_CLASSES, CODEC_IDS, register
 
 __all__ = [
     "Codec",
+    "Meta",
     "Param",
     "PayloadError",
     "DEFAULT_MAX_BYTES",
@@ -60,17 +61,17 @@ def get(name: str, **params: Any) -> Codec:
     return codec_class(name)(**params)
 
 
-def decode_with_meta(blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
-    """Decodes any codec's payload; returns (float32 array, meta for the backward rule).
+def decode_with_meta(blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, Meta]:
+    """Decodes any codec's payload; returns (float32 array, :class:`Meta` for the backward rule).
 
-    meta always holds ``codec`` (name), ``codec_version`` and ``shape``, plus codec-specific
+    Meta has ``codec`` (name), ``codec_version`` and ``shape``, and in ``fields`` the codec's own
     numpy arrays and plain values (see each codec's docstring).  A stream that expects one
     codec decodes with :meth:`Codec.decode_with_meta`, which refuses other codecs' payloads.
     """
     return _decode(blob, max_bytes, None)
 
 
-def _decode(blob: bytes, max_bytes: int | None, expect: type[Codec] | None) -> tuple[np.ndarray, dict]:
+def _decode(blob: bytes, max_bytes: int | None, expect: type[Codec] | None) -> tuple[np.ndarray, Meta]:
     h = _fmt.parse(blob, max_bytes=max_bytes)
     cls = CODEC_CLASSES[h.codec_name]
     if expect is not None and h.codec_id != expect.wire_id:
@@ -91,8 +92,7 @@ def _decode(blob: bytes, max_bytes: int | None, expect: type[Codec] | None) -> t
         raise PayloadError(f"malformed {cls.name} payload: {type(e).__name__}: {e}") from e
     if arr.shape != h.shape or arr.dtype != np.float32:
         raise PayloadError(f"{cls.name} payload decoded to {arr.dtype}{arr.shape}, header says float32{h.shape}")
-    meta = {"codec": cls.name, "codec_version": h.codec_version, "shape": h.shape, **meta}
-    return arr, meta
+    return arr, Meta(cls.name, h.codec_version, h.shape, meta)
 
 
 def decode(blob: bytes, *, max_bytes: int | None = None) -> np.ndarray:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,6 +79,45 @@ class Param:
         if self.high is not None and value > self.high:
             raise bad
         return value
+
+
+@dataclass(frozen=True, eq=False)
+class Meta(Mapping[str, Any]):
+    """What ``decode_with_meta`` returns beside the array, for the codec's ``backward`` and ``error_bound``.
+
+    The typed part every payload has: ``codec`` (name), ``codec_version`` (payload version) and
+    ``shape``; ``fields`` holds the codec's own decoded values (read-only; each codec's docstring
+    lists them). It reads as a mapping too: ``meta["shape"]``, ``meta["bits"]``.
+    """
+
+    codec: str
+    codec_version: int
+    shape: tuple[int, ...]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    _TYPED: ClassVar[tuple[str, ...]] = ("codec", "codec_version", "shape")
+
+    def __post_init__(self) -> None:
+        clash = set(self._TYPED) & set(self.fields)
+        if clash:
+            raise ValueError(f"meta fields may not redefine {sorted(clash)}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._TYPED:
+            return getattr(self, key)
+        return self.fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._TYPED
+        yield from self.fields
+
+    def __len__(self) -> int:
+        return len(self._TYPED) + len(self.fields)
+
+    def __repr__(self) -> str:
+        return f"Meta(codec={self.codec!r}, codec_version={self.codec_version}, shape={self.shape}, fields={sorted(self.fields)})"
 
 
 def bits_param(default: int = 4, low: int = 1, high: int = 8) -> Param:
@@ -176,7 +216,7 @@ class Codec:
         codec's (a valid payload with another wire id) raises PayloadError naming both."""
         return self.decode_with_meta(blob, max_bytes=max_bytes)[0]
 
-    def decode_with_meta(self, blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+    def decode_with_meta(self, blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, Meta]:
         """:func:`splitedge.codecs.decode_with_meta` for this stream: refuses other codecs' payloads
         (their meta would not fit this codec's backward rule)."""
         from . import _decode
@@ -189,14 +229,14 @@ class Codec:
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self, grad: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    def backward(self, grad: np.ndarray, meta: Meta) -> np.ndarray:
         """The cloud's rule from dL/dQ(X) to the gradient it sends back. Default: identity (STE)."""
         return check_grad(grad, meta)
 
     def observe_gradient(self, grad: np.ndarray) -> None:
         """Called by the edge with the decoded gradient of the last encoded batch. Default: no-op."""
 
-    def error_bound(self, x: np.ndarray, meta: Mapping[str, Any] | None = None) -> float | None:
+    def error_bound(self, x: np.ndarray, meta: Meta | None = None) -> float | None:
         """A guaranteed max |x - decode(encode(x))| for this input, or None where the codec has none.
 
         ``meta`` (from decode_with_meta of that payload) supplies the codec's own choices (bit widths,
@@ -230,9 +270,9 @@ def check_finite(*values: Any, what: str = "input") -> None:
             raise ValueError(f"{what} contains NaN or Inf: codecs encode finite values only")
 
 
-def check_grad(grad: Any, meta: Mapping[str, Any]) -> np.ndarray:
+def check_grad(grad: Any, meta: Meta) -> np.ndarray:
     g = np.ascontiguousarray(grad, dtype=np.float32)
-    shape = tuple(meta.get("shape", g.shape))
+    shape = meta.shape
     if g.shape != shape:
         raise ValueError(f"gradient shape {g.shape} does not match the decoded activation's shape {shape}")
     return g

@@ -533,7 +533,7 @@ class CloudServer:
                 f"and --seed ({why}); their shards would overlap. Use the same splitedge and numpy on every edge.",
                 P.ErrorCode.INCOMPATIBLE)
 
-    def _decode_activation(self, s: Session, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
+    def _decode_activation(self, s: Session, frame: Any, n: int, what: str) -> tuple[np.ndarray, sc.Meta]:
         if n < 1:
             raise P.ProtocolError(f"{what}: n must be >= 1, got {n}")
         # a compressed payload may not decode to more than the largest message (a 1-bit payload would

@@ -63,3 +63,23 @@ def test_a_stream_decodes_its_own_codec_and_refuses_another():
     for call in (uq.decode, uq.decode_with_meta):
         with pytest.raises(codecs.PayloadError, match=r"a fp32 payload \(codec id 1\), but this stream's codec is uq"):
             call(other)
+
+
+def test_meta_is_a_typed_read_only_value():
+    import numpy as np
+
+    x = np.random.default_rng(1).standard_normal((2, 5, 3, 3)).astype(np.float32)
+    codec = codecs.get("splitfc", bits=4, keep=0.6)
+    _, meta = codec.decode_with_meta(codec.encode(x))
+    assert isinstance(meta, codecs.Meta)
+    assert (meta.codec, meta.codec_version, meta.shape) == ("splitfc", codec.version, (2, 5, 3, 3))
+    assert meta["shape"] == meta.shape and meta["kept"] is meta.fields["kept"] and meta["bits"] == 4
+    assert set(meta) == {"codec", "codec_version", "shape", *meta.fields}
+    with pytest.raises(AttributeError):
+        meta.codec = "uq"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        meta.fields["kept"] = None  # type: ignore[index]
+    with pytest.raises(ValueError, match="may not redefine"):
+        codecs.Meta("uq", 1, (1, 1), {"shape": (2, 2)})
+    with pytest.raises(ValueError, match="gradient shape"):
+        codec.backward(np.zeros((1, 5, 3, 3), np.float32), meta)
