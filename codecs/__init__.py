@@ -10,6 +10,7 @@ numpy only (the edge has no torch).  Public API::
     codec.backward(grad, meta) -> np.ndarray           # the cloud's rule for dL/dQ(X)
     codec.observe_gradient(grad) -> None               # the edge, after receiving the gradient
     codec.name, codec.params                           # get(codec.name, **codec.params) rebuilds it
+    CodecSpec(name, params).build(), CodecSpec.of(codec) # a codec and its settings as one value
 
 Every payload is self-describing (:mod:`splitedge.codecs.format` documents the bytes).
 One codec object per stream (per client, per direction): SL-ACC's entropy history, SGQ's
@@ -28,9 +29,11 @@ from . import format as _fmt
 from .base import Codec, Meta, Param
 from .format import DEFAULT_MAX_BYTES, PayloadError
 from .registry import CODEC_CLASSES, CODEC_IDS, register
+from .spec import CodecSpec
 
 __all__ = [
     "Codec",
+    "CodecSpec",
     "Meta",
     "Param",
     "PayloadError",

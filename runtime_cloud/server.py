@@ -42,10 +42,8 @@ MAX_ERROR_MESSAGE = 1000  # characters of an ERROR message (at most 6 bytes each
 class ServeConfig:
     artifacts: str
     bind: str = "tcp://127.0.0.1:5555"
-    codec: str = "sgq"
-    codec_params: dict[str, Any] = field(default_factory=dict)
-    grad_codec: str | None = None  # None: the forward codec with the same settings
-    grad_codec_params: dict[str, Any] | None = None
+    codec: sc.CodecSpec = sc.CodecSpec("sgq")
+    grad_codec: sc.CodecSpec | None = None  # None: the forward codec with the same settings
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
@@ -148,8 +146,8 @@ class CloudServer:
         self.manifest = mf.load(cfg.artifacts)
         self.client_files = mf.client_digest(self.manifest)  # the edge half's export, compared at each HELLO
         # settings are validated once here, so a bad --codec fails at start, not at the first client
-        sc.get(cfg.codec, **cfg.codec_params)
-        sc.get(self.grad_codec_name, **self.grad_codec_params)
+        cfg.codec.build()
+        self.grad_spec.build()
         self.model = ServerModel(
             cfg.artifacts, self.manifest, optimizer=cfg.optimizer, lr=cfg.lr,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=cfg.device,
@@ -241,19 +239,12 @@ class CloudServer:
     # ------------------------------------------------------------------ settings
 
     @property
-    def grad_codec_name(self) -> str:
+    def grad_spec(self) -> sc.CodecSpec:
         return self.cfg.grad_codec or self.cfg.codec
 
-    @property
-    def grad_codec_params(self) -> dict[str, Any]:
-        if self.cfg.grad_codec_params is not None:
-            return dict(self.cfg.grad_codec_params)
-        return dict(self.cfg.codec_params) if self.cfg.grad_codec in (None, self.cfg.codec) else {}
-
     def codec_settings(self) -> dict[str, Any]:
-        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
-        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
-        return {"codec": {"name": fwd.name, "params": fwd.params}, "grad_codec": {"name": grad.name, "params": grad.params}}
+        """WELCOME's (and the checkpoint's) ``codec`` and ``grad_codec``: every setting spelled out."""
+        return {"codec": self.cfg.codec.resolved().to_json(), "grad_codec": self.grad_spec.resolved().to_json()}
 
     # ------------------------------------------------------------------ main loop
 
@@ -489,8 +480,8 @@ class CloudServer:
                                       "and is full", P.ErrorCode.SERVER_FULL)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
-        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
-        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
+        fwd = self.cfg.codec.build()
+        grad = self.grad_spec.build()
         s = Session(cid, identity, fwd, grad, samples=h["samples"], key=key, planned_steps=h["planned_steps"])
         s.last_step = applied
         s.bytes_in = msg.nbytes

@@ -397,8 +397,8 @@ class EdgeClient:
                 self._retry_later(e, "no place")
         h = msg.header
         try:
-            codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
-            sc.get(h["grad_codec"]["name"], **h["grad_codec"]["params"])
+            codec = sc.CodecSpec.from_json(h["codec"], "WELCOME.codec").build()
+            sc.CodecSpec.from_json(h["grad_codec"], "WELCOME.grad_codec").build()
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeError(f"the cloud asked for codec settings this edge cannot use: {e}") from None
         if self.fwd_codec is None or self.settings.get("codec") != h["codec"]:

@@ -83,3 +83,22 @@ def test_meta_is_a_typed_read_only_value():
         codecs.Meta("uq", 1, (1, 1), {"shape": (2, 2)})
     with pytest.raises(ValueError, match="gradient shape"):
         codec.backward(np.zeros((1, 5, 3, 3), np.float32), meta)
+
+
+def test_codec_spec_builds_rebuilds_and_round_trips_its_json_form():
+    spec = codecs.CodecSpec("uq", {"bits": 4})
+    assert spec == codecs.CodecSpec("uq", [("bits", 4)]) and hash(spec) == hash(codecs.CodecSpec("uq", {"bits": 4}))
+    assert spec.kwargs == {"bits": 4} and spec.build().params == {"bits": 4, "grid": "zero"}
+    full = spec.resolved()
+    assert full == codecs.CodecSpec.of(codecs.get("uq", bits=4)) and full.params == (("bits", 4), ("grid", "zero"))
+    assert codecs.CodecSpec.from_json(full.to_json()) == full
+    for bad, needle in (([], "exactly 'name' and 'params'"), ({"name": "uq"}, "exactly 'name' and 'params'"),
+                        ({"name": "uq", "params": [1]}, "params must be an object"),
+                        ({"name": 3, "params": {}}, "non-empty string"),
+                        ({"name": "uq", "params": {"bits": [4]}}, "must be a number")):
+        with pytest.raises(ValueError, match=needle):
+            codecs.CodecSpec.from_json(bad, "WELCOME.codec")
+    with pytest.raises(ValueError, match="unknown codec 'nope'"):
+        codecs.CodecSpec("nope").build()
+    with pytest.raises(ValueError, match="parameter 'bits' must be"):
+        codecs.CodecSpec("uq", {"bits": 99}).build()
