@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import format as fmt
 from .format import PayloadError
-
-_NO_DEFAULT = object()
-
 
 @dataclass(frozen=True)
 class Param:
@@ -83,6 +81,45 @@ class Param:
         return value
 
 
+@dataclass(frozen=True, eq=False)
+class Meta(Mapping[str, Any]):
+    """What ``decode_with_meta`` returns beside the array, for the codec's ``backward`` and ``error_bound``.
+
+    The typed part every payload has: ``codec`` (name), ``codec_version`` (payload version) and
+    ``shape``; ``fields`` holds the codec's own decoded values (read-only; each codec's docstring
+    lists them). It reads as a mapping too: ``meta["shape"]``, ``meta["bits"]``.
+    """
+
+    codec: str
+    codec_version: int
+    shape: tuple[int, ...]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    _TYPED: ClassVar[tuple[str, ...]] = ("codec", "codec_version", "shape")
+
+    def __post_init__(self) -> None:
+        clash = set(self._TYPED) & set(self.fields)
+        if clash:
+            raise ValueError(f"meta fields may not redefine {sorted(clash)}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._TYPED:
+            return getattr(self, key)
+        return self.fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._TYPED
+        yield from self.fields
+
+    def __len__(self) -> int:
+        return len(self._TYPED) + len(self.fields)
+
+    def __repr__(self) -> str:
+        return f"Meta(codec={self.codec!r}, codec_version={self.codec_version}, shape={self.shape}, fields={sorted(self.fields)})"
+
+
 def bits_param(default: int = 4, low: int = 1, high: int = 8) -> Param:
     return Param(default, int, low, high, doc="bits per code")
 
@@ -105,7 +142,8 @@ def seed_param() -> Param:
 class Codec:
     """Base class: ``encode`` -> self-describing bytes, stateless ``decode``, the cloud's ``backward`` rule."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set with wire_id by @register(name, wire_id=...) (registry.py)
+    wire_id: ClassVar[int] = 0
     version: ClassVar[int] = 1  # payload version this implementation writes
     read_versions: ClassVar[tuple[int, ...]] = (1,)  # payload versions it reads
     minmax_version: ClassVar[int | None] = None  # the version written with grid="minmax" (grid codecs)
@@ -129,7 +167,7 @@ class Codec:
 
     @property
     def codec_id(self) -> int:
-        return fmt.CODEC_IDS[self.name]
+        return self.wire_id
 
     @property
     def params(self) -> dict[str, Any]:
@@ -148,41 +186,42 @@ class Codec:
         self,
         x: np.ndarray,
         *,
-        round: int | None = None,  # noqa: A002 - the issue's name for the training round
+        step: int | None = None,
         total_rounds: int | None = None,
         training: bool = True,
     ) -> bytes:
         """Compresses a float array of rank 2..4 (cast to float32) into one payload.
 
-        ``round``/``total_rounds`` matter to codecs with a schedule (SL-ACC); ``training=False``
-        marks evaluation batches (no state change; randomized codecs use their deterministic rule).
-        Non-finite input raises ValueError.
+        ``step``/``total_rounds`` (the training step t of this stream and the planned total T)
+        matter to codecs with a schedule (SL-ACC); ``training=False`` marks evaluation batches (no
+        state change; randomized codecs use their deterministic rule). Non-finite input raises ValueError.
         """
         x = check_input(x)
-        if round is not None and (isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0):
-            raise ValueError(f"round must be a non-negative integer or None, got {round!r}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
+            raise ValueError(f"step must be a non-negative integer or None, got {step!r}")
         if total_rounds is not None and (
             isinstance(total_rounds, bool) or not isinstance(total_rounds, (int, np.integer)) or total_rounds < 1
         ):
             raise ValueError(f"total_rounds must be a positive integer or None, got {total_rounds!r}")
-        params, sections = self._encode(x, round=round, total_rounds=total_rounds, training=bool(training))
+        params, sections = self._encode(x, step=step, total_rounds=total_rounds, training=bool(training))
         return fmt.build(self.codec_id, self.version, x.shape, params, sections)
 
-    def _encode(self, x: np.ndarray, *, round, total_rounds, training) -> tuple[bytes, list]:  # noqa: A002
+    def _encode(self, x: np.ndarray, *, step, total_rounds, training) -> tuple[bytes, list]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ decode
 
     def decode(self, blob: bytes, *, max_bytes: int | None = None) -> np.ndarray:
-        """Stateless: the same as :func:`splitedge.codecs.decode` (any codec's payload is accepted)."""
-        from . import decode
+        """Stateless, like :func:`splitedge.codecs.decode`, but only this codec's payloads: another
+        codec's (a valid payload with another wire id) raises PayloadError naming both."""
+        return self.decode_with_meta(blob, max_bytes=max_bytes)[0]
 
-        return decode(blob, max_bytes=max_bytes)
+    def decode_with_meta(self, blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, Meta]:
+        """:func:`splitedge.codecs.decode_with_meta` for this stream: refuses other codecs' payloads
+        (their meta would not fit this codec's backward rule)."""
+        from . import _decode
 
-    def decode_with_meta(self, blob: bytes, *, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
-        from . import decode_with_meta
-
-        return decode_with_meta(blob, max_bytes=max_bytes)
+        return _decode(blob, max_bytes, type(self))
 
     @classmethod
     def _decode(cls, h: fmt.Header) -> tuple[np.ndarray, dict]:
@@ -190,14 +229,14 @@ class Codec:
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self, grad: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    def backward(self, grad: np.ndarray, meta: Meta) -> np.ndarray:
         """The cloud's rule from dL/dQ(X) to the gradient it sends back. Default: identity (STE)."""
         return check_grad(grad, meta)
 
     def observe_gradient(self, grad: np.ndarray) -> None:
         """Called by the edge with the decoded gradient of the last encoded batch. Default: no-op."""
 
-    def error_bound(self, x: np.ndarray, meta: Mapping[str, Any] | None = None) -> float | None:
+    def error_bound(self, x: np.ndarray, meta: Meta | None = None) -> float | None:
         """A guaranteed max |x - decode(encode(x))| for this input, or None where the codec has none.
 
         ``meta`` (from decode_with_meta of that payload) supplies the codec's own choices (bit widths,
@@ -231,9 +270,9 @@ def check_finite(*values: Any, what: str = "input") -> None:
             raise ValueError(f"{what} contains NaN or Inf: codecs encode finite values only")
 
 
-def check_grad(grad: Any, meta: Mapping[str, Any]) -> np.ndarray:
+def check_grad(grad: Any, meta: Meta) -> np.ndarray:
     g = np.ascontiguousarray(grad, dtype=np.float32)
-    shape = tuple(meta.get("shape", g.shape))
+    shape = meta.shape
     if g.shape != shape:
         raise ValueError(f"gradient shape {g.shape} does not match the decoded activation's shape {shape}")
     return g

@@ -26,17 +26,18 @@ import numpy as np
 
 from . import format as fmt
 from .base import Codec, as3, bits_param, check_finite, check_grad, expect_sections, f32, prod, read_struct
+from .registry import register
 
 
 def slices(c: int, bits: int) -> int:
     return min(c, math.ceil(c * bits / 32))
 
 
+@register("clio", wire_id=10)
 class Clio(Codec):
-    name = "clio"
     PARAMS = {"bits": bits_param(4, 1, 32)}
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         x3 = as3(x)
         b = self._p["bits"]
         kept = x3[:, : slices(x3.shape[1], b), :]

@@ -46,6 +46,7 @@ import numpy as np
 from . import _linear, bitpack
 from . import format as fmt
 from .base import Codec, Param, bits_param, check_finite, expect_sections, f32, grid_param, prod, read_struct
+from .registry import register
 
 SHRINK = np.round(np.linspace(1.0, 0.5, 6), 6)
 SEARCH_SAMPLE = 8192
@@ -57,8 +58,8 @@ def _qerr(xs: np.ndarray, lo: float, hi: float, bits: int, grid: str = "minmax")
     return float(np.dot(r, r))
 
 
+@register("easyquant", wire_id=11)
 class EasyQuant(Codec):
-    name = "easyquant"
     PARAMS = {
         "bits": bits_param(4),
         "k_sigma": Param(3.0, float, 0.1, 1e6, doc="outlier threshold in standard deviations"),
@@ -84,7 +85,7 @@ class EasyQuant(Codec):
                     best, best_r = e, (lo, hi)
         return best_r
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         b = self._p["bits"]
         flat = x.reshape(-1)
         lo, hi = _linear.minmax(flat)
@@ -100,9 +101,9 @@ class EasyQuant(Codec):
             packed = _linear.quantize_pack(clipped, np.float32(rlo), np.float32(rhi), b)
             head, params = np.array([rlo, rhi], "<f4"), bytes([b])
         else:  # the codes clip to the grid's end levels
-            step, zp = _linear.zero_grid(rlo, rhi, b)
-            packed = _linear.zero_quantize_pack(flat, step, zp, b, clip=True)
-            head, params = np.array([step], "<f4"), bytes([b, zp])
+            qstep, zp = _linear.zero_grid(rlo, rhi, b)
+            packed = _linear.zero_quantize_pack(flat, qstep, zp, b, clip=True)
+            head, params = np.array([qstep], "<f4"), bytes([b, zp])
         ib = bitpack.index_bits(flat.size)
         sections = [
             head,

@@ -5,7 +5,7 @@ Byte layout (all integers little-endian; format version 1)::
     offset  size  type      field
     0       4     4s        magic  b"SPEC"  (SPlitEdge Codec)
     4       1     u8        format version (this layout) = 1
-    5       1     u8        codec id       (explicit per codec, see CODEC_IDS; never list order)
+    5       1     u8        codec id       (explicit per codec, see registry; never list order)
     6       1     u8        codec version  (the codec's own payload version)
     7       1     u8        dtype code     (1 = float32: the dtype decode returns)
     8       1     u8        rank r         (2..4)
@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import registry as _registry
+
 MAGIC = b"SPEC"
 FORMAT_VERSION = 1
 HEADER_BYTES = 32
@@ -59,21 +61,10 @@ DEFAULT_MAX_BYTES = 1 << 30
 #: dtype codes of the header (the dtype of the decoded array)
 DTYPE_CODES = {1: np.dtype("<f4")}
 
-#: Explicit codec ids: part of the wire format, never change an assigned number.
-CODEC_IDS: dict[str, int] = {
-    "fp32": 1,
-    "fp16": 2,
-    "uq": 3,
-    "slacc": 4,
-    "sgq": 5,
-    "pq": 6,
-    "powerquant": 7,
-    "randtopk": 8,
-    "splitfc": 9,
-    "clio": 10,
-    "easyquant": 11,
-}
-CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
+#: Explicit codec ids (part of the wire format): each codec states its own with
+#: ``@register(name, wire_id=...)`` (:mod:`splitedge.codecs.registry`); these are read-only views.
+CODEC_IDS = _registry.CODEC_IDS
+CODEC_NAMES = _registry.CODEC_NAMES
 
 _HEADER = struct.Struct("<4sBBBBBBH4II")
 assert _HEADER.size == HEADER_BYTES

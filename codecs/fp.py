@@ -22,15 +22,16 @@ import numpy as np
 
 from . import format as fmt
 from .base import Codec, check_finite, expect_sections, f32, prod, read_struct
+from .registry import register
 
 _HALF_MAX = np.float32(65504.0)
 
 
+@register("fp32", wire_id=1)
 class FP32(Codec):
-    name = "fp32"
     PARAMS = {}
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         check_finite(x.min(), x.max())
         return b"", [x]
 
@@ -122,11 +123,11 @@ def from_half(h: np.ndarray) -> np.ndarray:
     return out
 
 
+@register("fp16", wire_id=2)
 class FP16(Codec):
-    name = "fp16"
     PARAMS = {}
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         check_finite(x.min(), x.max())
         return b"", [to_half(x)]
 

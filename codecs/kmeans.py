@@ -113,7 +113,6 @@ def lloyd(
     """
     G, d2, m = Xa.shape
     d = d2 - 2
-    k = U.shape[1]
     U = U.astype(np.float32, copy=True)
     XT1 = np.ascontiguousarray(Xa[:, : d + 1, :].transpose(0, 2, 1))  # [x, 1]: sums and counts in one product
     prev = None

@@ -37,6 +37,7 @@ import numpy as np
 from . import _linear, bitpack
 from . import format as fmt
 from .base import Codec, Param, bits_param, check_finite, expect_sections, f32, grid_param, prod, read_struct
+from .registry import register
 
 GRID = np.round(np.linspace(0.25, 1.0, 16), 6)
 SEARCH_SAMPLE = 16384
@@ -61,8 +62,8 @@ def _mse(xs: np.ndarray, a: float, lo: float, hi: float, bits: int, grid: str = 
     return float(np.dot(d, d))
 
 
+@register("powerquant", wire_id=7)
 class PowerQuant(Codec):
-    name = "powerquant"
     PARAMS = {
         "bits": bits_param(4),
         "a": Param(None, float, 0.01, 1.0, optional=True, doc="fixed exponent (None: search the grid)"),
@@ -85,7 +86,7 @@ class PowerQuant(Codec):
                 best, best_a = e, float(a)
         return best_a
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         b = self._p["bits"]
         lo, hi = _linear.minmax(x)
         check_finite(lo, hi)
@@ -95,9 +96,9 @@ class PowerQuant(Codec):
         if self._p["grid"] == "minmax":
             packed = _linear.quantize_pack(y, ylo, yhi, b)
             return bytes([b]), [np.array([a, ylo, yhi], "<f4"), packed]
-        step, zp = _linear.zero_grid(ylo, yhi, b)
-        packed = _linear.zero_quantize_pack(y, step, zp, b, nonneg=bool(ylo >= 0))
-        return bytes([b, zp]), [np.array([a, step], "<f4"), packed]
+        qstep, zp = _linear.zero_grid(ylo, yhi, b)
+        packed = _linear.zero_quantize_pack(y, qstep, zp, b, nonneg=bool(ylo >= 0))
+        return bytes([b, zp]), [np.array([a, qstep], "<f4"), packed]
 
     @classmethod
     def _decode(cls, h: fmt.Header):

@@ -5,7 +5,7 @@ first C mod G subsets get one more channel); in each subset every sub-stripe
 x = X[n, subset, s] is replaced by the nearest of 2^n centroids (K-means, Eq. 1-6 of
 sgq.md with unit weights -- no significance weighting, no regrouping, no gradient
 calibration).  The fit uses the same engine and defaults as ``sgq`` (``sample`` stripes,
-``iters`` Lloyd iterations, optional warm start) so the two differ only in what the
+``iters`` Lloyd iterations, optional warm start: the shared engine of vq.py) so the two differ only in what the
 paper says they differ in.
 
 Traffic: the same as SGQ's Eq. 8, sum_g (n N S + 32 * 2^n * C_g) bits.
@@ -30,7 +30,8 @@ import numpy as np
 from . import bitpack
 from . import format as fmt
 from .base import Codec, Param, as3, bits_param, expect_sections, prod, read_struct, seed_param
-from .sgq import (
+from .registry import register
+from .vq import (
     checked_means,
     fit_groups,
     group_sizes,
@@ -41,8 +42,8 @@ from .sgq import (
 )
 
 
+@register("pq", wire_id=6)
 class PQ(Codec):
-    name = "pq"
     PARAMS = {
         "bits": bits_param(4),
         "groups": Param(10, int, 1, 65535, doc="G successive channel subsets (fewer if C < G)"),
@@ -57,7 +58,7 @@ class PQ(Codec):
         self._rng = np.random.default_rng(self._p["seed"])
         self._warm: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         x3 = as3(x)
         n, c, s = x3.shape
         if c > 65535:

@@ -39,14 +39,15 @@ import numpy as np
 from . import bitpack
 from . import format as fmt
 from .base import Codec, Param, check_finite, check_grad, expect_sections, f32, prod, read_struct, seed_param
+from .registry import register
 
 
 def k_of(rate: float, d: int) -> int:
     return min(d, max(1, int(math.floor(rate * d + 0.5))))
 
 
+@register("randtopk", wire_id=8)
 class RandTopk(Codec):
-    name = "randtopk"
     PARAMS = {
         "rate": Param(0.1, float, 1e-9, 1.0, doc="kept fraction of each sample's features"),
         "alpha": Param(0.1, float, 0.0, 0.999999, doc="probability mass of the non-top-k features"),
@@ -100,7 +101,7 @@ class RandTopk(Codec):
                 out[i, t_pos.size :] = r + np.searchsorted(shift[i], r, side="right")
         return out
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         n = x.shape[0]
         x2 = x.reshape(n, -1)
         d = x2.shape[1]

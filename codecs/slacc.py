@@ -45,11 +45,11 @@ Interpretations (where the paper is silent or ambiguous):
   |min| <= max - min the exponent is x / (max - min) (one multiply) instead of
   (x - min) / (max - min).  A constant channel (max == min) has z = 0, a uniform softmax and the
   largest possible entropy log M -- faithful to Eq. 1.
-* "Round" = one training encode of this stream (one batch exchange).  The history
+* "Round" t = one training encode of this stream (one batch exchange, the edge's training step).  The history
   holds one entry per training encode; ``Hbar`` averages the entries *before* the
   current one; at the first encode ``Hbar = H``.  If the channel count changes the
   history restarts.  ``training=False`` (evaluation) reads the state, never changes it.
-* Schedule: ``schedule="linear"`` uses a_t = clip(1 - t/T, 0, 1) with t = ``round``
+* Schedule: ``schedule="linear"`` uses a_t = clip(1 - t/T, 0, 1) with t = ``step``
   (else an internal counter of training encodes, starting at 0) and T = ``total_rounds``
   (from the call, else the ``total_rounds`` parameter).  With no T known a_t = 1
   (instantaneous entropy only).  ``schedule="constant"`` uses a_t = ``alpha``.
@@ -101,6 +101,7 @@ import numpy as np
 from . import _linear, bitpack
 from . import format as fmt
 from .base import Codec, Param, as3, check_finite, expect_sections, f32, grid_param, prod, read_struct
+from .registry import register
 
 _CHUNK = 1 << 18  # floats per entropy block
 
@@ -296,8 +297,8 @@ def allocate_bits(
     return lab, ebar, bits.astype(np.int64)
 
 
+@register("slacc", wire_id=4)
 class SLACC(Codec):
-    name = "slacc"
     PARAMS = {
         "groups": Param(4, int, 1, 255, doc="G, channel groups (Eq. 4)"),
         "min_bits": Param(2, int, 1, 8, doc="b_min of Eq. 6"),
@@ -339,16 +340,10 @@ class SLACC(Codec):
 
     # ------------------------------------------------------------------ state
 
-    def reset(self) -> None:
-        self._hist = None
-        self._hist_sum = None
-        self._hist_n = 0
-        self._count = 0
-
-    def _a_t(self, round, total_rounds) -> float:  # noqa: A002
+    def _a_t(self, step, total_rounds) -> float:
         if self._p["schedule"] == "constant":
             return float(self._p["alpha"])
-        t = self._count if round is None else int(round)
+        t = self._count if step is None else int(step)
         T = total_rounds if total_rounds is not None else self._p["total_rounds"]
         if T is None:
             return 1.0
@@ -375,21 +370,21 @@ class SLACC(Codec):
         if not w:
             self._hist.clear()  # the running sum is all that is needed
 
-    def channel_importance(self, x3: np.ndarray, mn, mx, round=None, total_rounds=None) -> np.ndarray:  # noqa: A002
+    def channel_importance(self, x3: np.ndarray, mn, mx, step=None, total_rounds=None) -> np.ndarray:
         H = channel_entropy(x3, mn, mx)
         Hbar = self._historical(H)
-        a = self._a_t(round, total_rounds)
+        a = self._a_t(step, total_rounds)
         E = a * H + (1.0 - a) * Hbar
         self.last_stats = {"H": H, "Hbar": Hbar, "a_t": a, "E": E}
         return E
 
     # ------------------------------------------------------------------ encode
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         x3 = as3(x)
         n, c, s = x3.shape
         mn, mx = channel_minmax(x3)
-        E = self.channel_importance(x3, mn, mx, round, total_rounds)
+        E = self.channel_importance(x3, mn, mx, step, total_rounds)
         if training:
             self._remember(self.last_stats["H"])
             self._count += 1

@@ -59,6 +59,7 @@ import numpy as np
 from . import _linear, bitpack
 from . import format as fmt
 from .base import Codec, Param, as3, bits_param, check_finite, check_grad, expect_sections, f32, grid_param, prod, read_struct, seed_param
+from .registry import register
 
 FILLS = ("zero", "mean")
 
@@ -92,8 +93,8 @@ def keep_probabilities(sigma: np.ndarray, rate: float) -> np.ndarray:
     return p
 
 
+@register("splitfc", wire_id=9)
 class SplitFC(Codec):
-    name = "splitfc"
     PARAMS = {
         "bits": bits_param(4),
         "keep": Param(0.5, float, 1e-6, 1.0, doc="R: expected fraction of channels kept"),
@@ -108,9 +109,8 @@ class SplitFC(Codec):
     def __init__(self, **params):
         super().__init__(**params)
         self._rng = np.random.default_rng(self._p["seed"])
-        self.last_keep_prob: np.ndarray | None = None
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         x3 = as3(x)
         n, c, s = x3.shape
         b = self._p["bits"]
@@ -119,7 +119,6 @@ class SplitFC(Codec):
         sigma = x3.std(axis=(0, 2), dtype=np.float64)
         p = keep_probabilities(sigma, self._p["keep"])
         if training:
-            self.last_keep_prob = p
             kept = self._rng.random(c) < p
         else:
             # the expectation of the training-time output (see the module docstring)

@@ -44,25 +44,26 @@ import numpy as np
 from . import _linear, bitpack
 from . import format as fmt
 from .base import Codec, bits_param, check_finite, expect_sections, f32, grid_param, prod, read_struct
+from .registry import register
 
 
+@register("uq", wire_id=3)
 class UQ(Codec):
-    name = "uq"
     version = 2
     read_versions = (1, 2)
     minmax_version = 1
     PARAMS = {"bits": bits_param(4), "grid": grid_param()}
 
-    def _encode(self, x, *, round, total_rounds, training):  # noqa: A002
+    def _encode(self, x, *, step, total_rounds, training):
         b = self._p["bits"]
         lo, hi = _linear.minmax(x)
         check_finite(lo, hi)
         if self._p["grid"] == "minmax":
             packed = _linear.quantize_pack(x, lo, hi, b)
             return bytes([b]), [np.array([lo, hi], "<f4"), packed]
-        step, zp = _linear.zero_grid(lo, hi, b)
-        packed = _linear.zero_quantize_pack(x, step, zp, b, nonneg=bool(lo >= 0))
-        return bytes([b, zp]), [np.array([step], "<f4"), packed]
+        qstep, zp = _linear.zero_grid(lo, hi, b)
+        packed = _linear.zero_quantize_pack(x, qstep, zp, b, nonneg=bool(lo >= 0))
+        return bytes([b, zp]), [np.array([qstep], "<f4"), packed]
 
     @classmethod
     def _decode(cls, h: fmt.Header):

@@ -269,7 +269,7 @@ def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None,
         except (TypeError, ValueError) as e:
             raise SelfTestFailed(step, f"--codec {codec_spec!r}: {e}") from None
         t0 = time.perf_counter()
-        blob = codec.encode(act, round=1, total_rounds=1)
+        blob = codec.encode(act, step=1, total_rounds=1)
         res["encode_ms"] = _ms(t0)
         back = codecs.decode(blob)
         if back.shape != act.shape:

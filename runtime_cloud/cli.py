@@ -217,8 +217,9 @@ def main(artifacts, bind, codec, bits, codec_param, grad_codec, grad_bits, grad_
         except OSError as e:
             raise UserError(f"--metrics: {e.strerror or e}") from None
     cfg = ServeConfig(
-        artifacts=artifacts, bind=bind, codec=codec, codec_params=params, grad_codec=grad_codec,
-        grad_codec_params=gparams, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        artifacts=artifacts, bind=bind, codec=sc.CodecSpec(codec, params),
+        grad_codec=None if gparams is None else sc.CodecSpec(grad_codec or codec, gparams),
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
         device=device, fedavg_every=fedavg_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume, metrics=metrics, client_timeout_s=client_timeout,
         hparams_given=tuple(k for k in ("lr", "momentum", "weight_decay")

@@ -42,10 +42,8 @@ MAX_ERROR_MESSAGE = 1000  # characters of an ERROR message (at most 6 bytes each
 class ServeConfig:
     artifacts: str
     bind: str = "tcp://127.0.0.1:5555"
-    codec: str = "sgq"
-    codec_params: dict[str, Any] = field(default_factory=dict)
-    grad_codec: str | None = None  # None: the forward codec with the same settings
-    grad_codec_params: dict[str, Any] | None = None
+    codec: sc.CodecSpec = sc.CodecSpec("sgq")
+    grad_codec: sc.CodecSpec | None = None  # None: the forward codec with the same settings
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
@@ -149,8 +147,8 @@ class CloudServer:
         self.manifest = mf.load(cfg.artifacts)
         self.client_files = mf.client_digest(self.manifest)  # the edge half's export, compared at each HELLO
         # settings are validated once here, so a bad --codec fails at start, not at the first client
-        sc.get(cfg.codec, **cfg.codec_params)
-        sc.get(self.grad_codec_name, **self.grad_codec_params)
+        cfg.codec.build()
+        self.grad_spec.build()
         self.model = ServerModel(
             cfg.artifacts, self.manifest, optimizer=cfg.optimizer, lr=cfg.lr,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=cfg.device,
@@ -242,19 +240,12 @@ class CloudServer:
     # ------------------------------------------------------------------ settings
 
     @property
-    def grad_codec_name(self) -> str:
+    def grad_spec(self) -> sc.CodecSpec:
         return self.cfg.grad_codec or self.cfg.codec
 
-    @property
-    def grad_codec_params(self) -> dict[str, Any]:
-        if self.cfg.grad_codec_params is not None:
-            return dict(self.cfg.grad_codec_params)
-        return dict(self.cfg.codec_params) if self.cfg.grad_codec in (None, self.cfg.codec) else {}
-
     def codec_settings(self) -> dict[str, Any]:
-        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
-        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
-        return {"codec": {"name": fwd.name, "params": fwd.params}, "grad_codec": {"name": grad.name, "params": grad.params}}
+        """WELCOME's (and the checkpoint's) ``codec`` and ``grad_codec``: every setting spelled out."""
+        return {"codec": self.cfg.codec.resolved().to_json(), "grad_codec": self.grad_spec.resolved().to_json()}
 
     # ------------------------------------------------------------------ main loop
 
@@ -503,8 +494,8 @@ class CloudServer:
                                       "and is full", P.ErrorCode.SERVER_FULL)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)
-        fwd = sc.get(self.cfg.codec, **self.cfg.codec_params)
-        grad = sc.get(self.grad_codec_name, **self.grad_codec_params)
+        fwd = self.cfg.codec.build()
+        grad = self.grad_spec.build()
         s = Session(cid, identity, fwd, grad, samples=h["samples"], key=key, planned_steps=h["planned_steps"])
         s.last_step = applied
         s.bytes_in = msg.nbytes
@@ -546,13 +537,14 @@ class CloudServer:
                 f"and --seed ({why}); their shards would overlap. Use the same splitedge and numpy on every edge.",
                 P.ErrorCode.INCOMPATIBLE)
 
-    def _decode_activation(self, frame: Any, n: int, what: str) -> tuple[np.ndarray, dict]:
+    def _decode_activation(self, s: Session, frame: Any, n: int, what: str) -> tuple[np.ndarray, sc.Meta]:
         if n < 1:
             raise P.ProtocolError(f"{what}: n must be >= 1, got {n}")
         # a compressed payload may not decode to more than the largest message (a 1-bit payload would
-        # otherwise make a message of --max-message-mb allocate 32 times that); checked before allocating
-        act, meta = sc.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame,
-                                        max_bytes=self.cfg.max_message_bytes)
+        # otherwise make a message of --max-message-mb allocate 32 times that); checked before allocating.
+        # The session's own codec decodes: another codec's payload is a PayloadError (bad_payload)
+        act, meta = s.fwd.decode_with_meta(frame.buffer if isinstance(frame, zmq.Frame) else frame,
+                                           max_bytes=self.cfg.max_message_bytes)
         expect = (n, *self.manifest.activation_shape)
         if act.shape != expect:
             raise P.ProtocolError(f"{what}: activation has shape {act.shape}, expected {expect}", P.ErrorCode.SHAPE_MISMATCH)
@@ -560,9 +552,6 @@ class CloudServer:
             raise P.ProtocolError(f"{what}: activation dtype {act.dtype}, expected float32", P.ErrorCode.SHAPE_MISMATCH)
         if not np.isfinite(act).all():
             raise P.ProtocolError(f"{what}: activation contains NaN or Inf", P.ErrorCode.NOT_FINITE)
-        if meta["codec"] != self.cfg.codec:  # its backward rule needs this codec's own metadata
-            raise P.ProtocolError(f"{what}: a {meta['codec']} payload, but this cloud's codec is {self.cfg.codec} "
-                                  "(see WELCOME)", P.ErrorCode.BAD_PAYLOAD)
         return act, meta
 
     def _on_train(self, identity: bytes, msg: P.Message) -> None:
@@ -589,7 +578,7 @@ class CloudServer:
             raise P.ProtocolError(f"TRAIN: round must be >= 0 and total_rounds >= 1, got {h['round']} and "
                                   f"{h['total_rounds']}")
         t0 = time.perf_counter()
-        act, meta = self._decode_activation(msg.frames[0], h["n"], "TRAIN")
+        act, meta = self._decode_activation(s, msg.frames[0], h["n"], "TRAIN")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes)
         t1 = time.perf_counter()
         try:
@@ -600,7 +589,7 @@ class CloudServer:
         t2 = time.perf_counter()
         grad = s.fwd.backward(res.grad, meta)
         t3 = time.perf_counter()
-        blob = s.grad.encode(np.ascontiguousarray(grad, dtype=np.float32), round=h["round"], total_rounds=h["total_rounds"])
+        blob = s.grad.encode(np.ascontiguousarray(grad, dtype=np.float32), step=h["round"], total_rounds=h["total_rounds"])
         t4 = time.perf_counter()
         self.server_step += 1
         s.last_step = step
@@ -641,7 +630,7 @@ class CloudServer:
         h = msg.header
         s.bytes_in += msg.nbytes
         P.expect_frames(msg, 2 if h["has_labels"] else 1)
-        act, _ = self._decode_activation(msg.frames[0], h["n"], "EVAL")
+        act, _ = self._decode_activation(s, msg.frames[0], h["n"], "EVAL")
         labels = P.read_labels(msg.frames[1], h["n"], self.manifest.num_classes) if h["has_labels"] else None
         pred, loss_sum = self.model.evaluate(act, labels)
         if loss_sum is not None and not np.isfinite(loss_sum):

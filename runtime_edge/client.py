@@ -138,8 +138,8 @@ class EdgeClient:
                 self._retry_later(e, "no place")
         h = msg.header
         try:
-            codec = sc.get(h["codec"]["name"], **h["codec"]["params"])
-            sc.get(h["grad_codec"]["name"], **h["grad_codec"]["params"])
+            codec = sc.CodecSpec.from_json(h["codec"], "WELCOME.codec").build()
+            sc.CodecSpec.from_json(h["grad_codec"], "WELCOME.grad_codec").build()
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeError(f"the cloud asked for codec settings this edge cannot use: {e}") from None
         if self.fwd_codec is None or self.settings.get("codec") != h["codec"]:
@@ -258,7 +258,7 @@ class EdgeClient:
         t0 = time.perf_counter()
         act = self.model.forward(x)
         t1 = time.perf_counter()
-        blob = self._encode(act, f"training diverged at step {step}", round=step, total_rounds=self.planned_steps)
+        blob = self._encode(act, f"training diverged at step {step}", step=step, total_rounds=self.planned_steps)
         t2 = time.perf_counter()
         req = P.train(step=step, n=int(x.shape[0]), total_rounds=self.planned_steps,
                       encode_ms=round((t2 - t1) * 1000, 3), activation=blob, labels=y)

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             # one stream: its own codec object, so the streams may run on parallel threads
             c = streams[j]
             t = time.perf_counter()
-            blob = c.encode(g, round=step, total_rounds=a.steps)
+            blob = c.encode(g, step=step, total_rounds=a.steps)
             gh = codecs.decode(blob)
             dt = time.perf_counter() - t
             d = gh.astype(np.float64) - g
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             return figures, ranking, gh
 
         def act_task(j, an=an, anorm=anorm, step=step):
-            blob = act_streams[j].encode(an, round=step, total_rounds=a.steps)
+            blob = act_streams[j].encode(an, step=step, total_rounds=a.steps)
             ah = codecs.decode(blob)
             return float(np.linalg.norm(ah.astype(np.float64) - an)) / anorm if anorm > 0 else 0.0, 8 * len(blob) / an.size
 

@@ -354,7 +354,7 @@ def _train(port: int, steps: int) -> None:
         enc = sc.get("uq", bits=4)
         rng = np.random.default_rng(0)
         for step in range(first, first + steps):
-            blob = enc.encode(rng.standard_normal((4, *ACT)).astype(np.float32), round=step, total_rounds=100)
+            blob = enc.encode(rng.standard_normal((4, *ACT)).astype(np.float32), step=step, total_rounds=100)
             labels = np.array([0, 1, 2, 3], dtype="<i8").tobytes()
             grad = ask(P.pack(P.MsgType.TRAIN, {"id": 2, "step": step, "n": 4, "round": step, "total_rounds": 100,
                                                 "encode_ms": 0.0}, [blob, labels]))
@@ -462,7 +462,7 @@ class _Harness:
 
         logging.getLogger("cloud-serve").setLevel(logging.ERROR)
         self.server = CloudServer(ServeConfig(artifacts=str(art), bind=f"tcp://127.0.0.1:{launch.free_port()}",
-                                              codec="uq", codec_params={"bits": 4}, **cfg))
+                                              codec=sc.CodecSpec("uq", {"bits": 4}), **cfg))
         self.replies: list[tuple[bytes, P.Message]] = []
 
         def send(frames, identity=None):
@@ -489,7 +489,7 @@ class _Harness:
 
     def train(self, identity: bytes, step: int) -> P.Message:
         blob = sc.get("uq", bits=4).encode(np.random.default_rng(step).standard_normal((4, *ACT)).astype(np.float32),
-                                           round=step, total_rounds=10)
+                                           step=step, total_rounds=10)
         return self.ask(identity, P.MsgType.TRAIN, {"step": step, "n": 4, "round": step, "total_rounds": 10,
                                                     "encode_ms": 0.0}, [blob, np.arange(4, dtype="<i8").tobytes()])
 
@@ -605,3 +605,24 @@ def test_a_step_beyond_the_clients_plan_is_refused(harness):
         assert reply.type == P.MsgType.ERROR and "beyond this client's plan of 10 steps" in reply.header["message"]
     assert h.server.by_client[0].last_step == 0 and h.server.server_step == 0
     assert h.train(b"edge", 10).type == P.MsgType.GRAD
+
+
+def test_welcome_spells_out_both_codec_specs_and_a_payload_of_another_codec_is_refused(harness):
+    """WELCOME's codec and grad_codec are CodecSpec JSON with every setting; the gradient codec
+    defaults to the activation codec. The session's codec decodes: a valid payload of another
+    codec is answered with bad_payload (the server goes on), on TRAIN and on EVAL alike."""
+    h = harness()
+    w = h.hello(b"edge", 0)
+    assert w.type == P.MsgType.WELCOME
+    assert sc.CodecSpec.from_json(w.header["codec"]) == sc.CodecSpec("uq", {"bits": 4, "grid": "zero"})
+    assert w.header["grad_codec"] == w.header["codec"]
+    h2 = harness(grad_codec=sc.CodecSpec("fp16"))
+    assert h2.hello(b"edge", 0).header["grad_codec"] == {"name": "fp16", "params": {}}
+    x = np.zeros((2, *ACT), np.float32)
+    for header, type_ in (({"step": 1, "n": 2, "round": 1, "total_rounds": 10, "encode_ms": 0.0}, P.MsgType.TRAIN),
+                          ({"eval_id": 1, "n": 2, "has_labels": False}, P.MsgType.EVAL)):
+        frames = [sc.get("fp32").encode(x)] + ([np.arange(2, dtype="<i8").tobytes()] if type_ == P.MsgType.TRAIN else [])
+        reply = h.ask(b"edge", type_, header, frames)
+        assert reply.type == P.MsgType.ERROR and reply.header["code"] == P.ErrorCode.BAD_PAYLOAD, reply.header
+        assert "a fp32 payload" in reply.header["message"] and "codec is uq" in reply.header["message"]
+    assert h.train(b"edge", 1).type == P.MsgType.GRAD, "the same session goes on with its own codec"

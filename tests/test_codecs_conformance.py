@@ -86,7 +86,7 @@ def test_bytes_are_deterministic_for_a_seed_and_call_sequence(name):
     xs = [relu_act((4, 8, 5, 5), s) for s in range(3)]
     a, b = codecs.get(name), codecs.get(name)
     for x in xs:
-        assert a.encode(x, round=1, total_rounds=10) == b.encode(x, round=1, total_rounds=10)
+        assert a.encode(x, step=1, total_rounds=10) == b.encode(x, step=1, total_rounds=10)
     # the settings rebuild an identical codec (the cloud sends params to the edge)
     c = codecs.get(name, **json.loads(json.dumps(a.params)))
     assert c.params == a.params
@@ -103,17 +103,19 @@ def test_decode_is_stateless(name):
         enc.encode(relu_act((4, 8, 5, 5), 10 + s))
     np.testing.assert_array_equal(codecs.decode(blob), first)
     np.testing.assert_array_equal(enc.decode(blob), first)
+    np.testing.assert_array_equal(codecs.get(name).decode(blob), first)  # a fresh stream of this codec too
     other = codecs.get(NAMES[0] if name != NAMES[0] else NAMES[1])
-    np.testing.assert_array_equal(other.decode(blob), first)  # any codec object decodes any payload
+    with pytest.raises(PayloadError, match=f"a {name} payload .* but this stream's codec is {other.name}"):
+        other.decode(blob)  # a stream reads its own codec's payloads only
     np.testing.assert_array_equal(codecs.decode(bytearray(blob)), first)
     np.testing.assert_array_equal(codecs.decode(memoryview(blob)), first)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_evaluation_mode_and_rounds(name):
+def test_evaluation_mode_and_steps(name):
     x = relu_act((4, 8, 5, 5))
     codec = codecs.get(name)
-    for kw in ({"training": False}, {"round": 0, "total_rounds": 5}, {"round": 4, "total_rounds": 5}):
+    for kw in ({"training": False}, {"step": 0, "total_rounds": 5}, {"step": 4, "total_rounds": 5}):
         y = codecs.decode(codec.encode(x, **kw))
         assert y.shape == x.shape
 
@@ -153,8 +155,8 @@ def test_bad_inputs_are_refused(name):
         codec.encode(np.ones((1, 2, 3, 4, 5), np.float32))
     with pytest.raises(ValueError, match="non-empty"):
         codec.encode(np.ones((0, 3, 4, 4), np.float32))
-    with pytest.raises(ValueError, match="round"):
-        codec.encode(np.ones((2, 3), np.float32), round=-1)
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        codec.encode(np.ones((2, 3), np.float32), step=-1)
     # float64 and non-contiguous inputs are accepted (cast to C-contiguous float32)
     x = relu_act((2, 4, 3, 3))
     a = codecs.decode(codec.encode(x.astype(np.float64)))

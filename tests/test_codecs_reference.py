@@ -197,17 +197,17 @@ def test_slacc_full_pipeline_small_case(grid):
 def test_slacc_historical_entropy_and_schedule():
     xs = [relu_act((4, 6, 5, 5), s) for s in range(3)]
     c = codecs.get("slacc")
-    c.encode(xs[0], round=0, total_rounds=4)
+    c.encode(xs[0], step=0, total_rounds=4)
     H0 = c.last_stats["H"]
     assert c.last_stats["a_t"] == 1.0 and np.array_equal(c.last_stats["E"], H0)  # Eq. 3 at t = 0
-    c.encode(xs[1], round=1, total_rounds=4)
+    c.encode(xs[1], step=1, total_rounds=4)
     H1 = c.last_stats["H"]
     assert c.last_stats["a_t"] == 0.75
     np.testing.assert_allclose(c.last_stats["E"], 0.75 * H1 + 0.25 * H0)  # Eq. 2, Hbar = mean of past rounds
-    c.encode(xs[2], round=3, total_rounds=4, training=False)  # evaluation: reads the state only
+    c.encode(xs[2], step=3, total_rounds=4, training=False)  # evaluation: reads the state only
     np.testing.assert_allclose(c.last_stats["Hbar"], (H0 + H1) / 2)
     assert c.last_stats["a_t"] == 0.25
-    c.encode(xs[2], round=4, total_rounds=4)
+    c.encode(xs[2], step=4, total_rounds=4)
     np.testing.assert_allclose(c.last_stats["E"], (H0 + H1) / 2)  # a_T = 0: historical only
     # no total_rounds known: instantaneous entropy only; a window limits the history
     d = codecs.get("slacc", window=1)

@@ -237,8 +237,8 @@ def _dealer(port: int) -> zmq.Socket:
 
 def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_artifacts, tmp_path):
     port = launch.free_port()
-    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--expect-clients", "1", "--exit-when-done",
-                         "--client-timeout", "5")
+    cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "fp32", "--expect-clients", "1",
+                         "--exit-when-done", "--client-timeout", "5")
     try:
         s = _dealer(port)
         s.send(b"garbage")
@@ -269,6 +269,10 @@ def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_
         s.send_multipart(P.pack(P.MsgType.TRAIN, header, [wrong, np.zeros(2, np.int64).tobytes()]))
         reply = P.unpack(s.recv_multipart())
         assert reply.header["code"] == "shape_mismatch"
+        other = sc.get("uq").encode(np.zeros((2, 64, 14, 14), np.float32))  # the right shape, another codec
+        s.send_multipart(P.pack(P.MsgType.TRAIN, header, [other, np.zeros(2, np.int64).tobytes()]))
+        reply = P.unpack(s.recv_multipart())
+        assert reply.header["code"] == "bad_payload" and "this stream's codec is fp32" in reply.header["message"]
         nan = np.zeros((2, 64, 14, 14), np.float32)
         nan[0, 0, 0, 0] = np.nan
         s.send_multipart(P.pack(P.MsgType.TRAIN, header, [_fp32_with_nan(nan), np.zeros(2, np.int64).tobytes()]))

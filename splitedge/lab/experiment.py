@@ -85,6 +85,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
+from ..codecs.spec import CodecSpec as _CodecSpec
 from ..errors import FiniteFloat, UserError
 
 RESULT_VERSION = 1  # of result.json and results.json
@@ -130,13 +131,16 @@ OPTIMIZERS = ("sgd", "adamw")
 UNLIMITED = ("unlimited", "none")
 
 
-@dataclass(frozen=True)
-class CodecSpec:
-    """One codec of the grid: registry name, parameters (sorted), label for tables and plots."""
+@dataclass(frozen=True, init=False)
+class CodecSpec(_CodecSpec):
+    """One codec of the grid: a :class:`splitedge.codecs.CodecSpec` (name, sorted params) with a
+    label for tables and plots."""
 
-    name: str
-    params: tuple[tuple[str, Any], ...] = ()
-    label: str = ""
+    label: str
+
+    def __init__(self, name: str, params: Any = (), label: str = "") -> None:
+        super().__init__(name, params)
+        object.__setattr__(self, "label", label)
 
     @property
     def bits(self) -> int | None:
@@ -150,7 +154,7 @@ class CodecSpec:
         return _slug(s)
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dict(self.params)}
+        return self.to_json()
 
 
 @dataclass(frozen=True)
@@ -341,7 +345,7 @@ def parse_codec(where: str, entry: Any) -> CodecSpec:
         sc.get(name, **params)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {e}") from None
-    return CodecSpec(name, tuple(sorted(params.items())), label)
+    return CodecSpec(name, params, label)
 
 
 def _partition(where: str, v: Any) -> str:

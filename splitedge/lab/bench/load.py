@@ -120,7 +120,7 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
         rng = np.random.default_rng(seed)
         enc = sc.get(codec, **({"bits": bits} if bits is not None else {}))
         shape = (batch_size, *m.activation_shape)
-        pool = [enc.encode(rng.standard_normal(shape).astype(np.float32), round=1, total_rounds=steps)
+        pool = [enc.encode(rng.standard_normal(shape).astype(np.float32), step=1, total_rounds=steps)
                 for _ in range(4)]
         poller = zmq.Poller()
         by_sock = {}

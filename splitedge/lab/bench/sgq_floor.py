@@ -6,7 +6,7 @@ Prints, measured in one process (medians of --repeat runs):
 
 * the whole ``sgq`` encode (defaults: 10 groups, 512-stripe fit sample, 4 Lloyd iterations);
 * the nearest-centroid assignment of every stripe alone (``kmeans.nearest``, blocked as in
-  ``sgq.stripe_vq``), split into its matrix product and the packed-index min (and, or, min);
+  ``vq.stripe_vq``), split into its matrix product and the packed-index min (and, or, min);
 * the matrix product's FLOP rate: the product is the arithmetic every exact assignment must do
   (82k stripes x 16 centroids x 9 augmented features), so at a rate near one core's peak no
   numpy rewrite can make it cheaper;
@@ -56,7 +56,7 @@ def ort_argmin_session(g: int, k: int, d2: int, m: int, threads: int):
 def main(repeat: int) -> None:
 
     from ... import codecs as sc
-    from ...codecs import kmeans, sgq
+    from ...codecs import kmeans, vq
 
     rng = np.random.default_rng(0)
     x = activation(rng)
@@ -67,7 +67,7 @@ def main(repeat: int) -> None:
     x3 = x.reshape(32, 64, -1)
     n, c, s = x3.shape
     perm, sizes = codec.grouping(codec.last_significance, c)
-    idx, valid = sgq.padded_index(perm, sizes)
+    idx, valid = vq.padded_index(perm, sizes)
     wpad = np.where(valid, codec.last_significance[idx], 0.0).astype(np.float32)
     g, dmax = idx.shape
     m = n * s
@@ -78,7 +78,7 @@ def main(repeat: int) -> None:
     U = codec._warm[1]  # the centroids of the last encode (kept for its warm start)
     Ua = kmeans.centroid_rows(U, wpad)
     k = Ua.shape[1]
-    step = max(1, sgq._ASSIGN_BLOCK // (g * k))
+    step = max(1, vq._ASSIGN_BLOCK // (g * k))
     blocks = [(a, min(m, a + step)) for a in range(0, m, step)]
 
     def assign():
