@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitedge.lab import experiment as X
+from splitedge.lab.experiment.config import _slug
 from splitedge.lab.launch import script
 
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
@@ -367,7 +368,7 @@ def test_run_ids_are_stable_and_follow_the_settings(tmp_path):
     ids = [r.run_id for r, _ in X.load_config(cfg).runs()]
     assert ids == [r.run_id for r, _ in X.load_config(cfg).runs()]
     assert ids[0].startswith("fp32-iid-c2-50mbit-s50-seed0-") and ids[1].startswith("sgq4-iid-c2-50mbit-s50-seed0-")
-    assert all(i == X._slug(i) for i in ids), "filesystem-safe"
+    assert all(i == _slug(i) for i in ids), "filesystem-safe"
     # what the run computes changes the id; what only the report uses does not
     cfg.write_text(CONFIG.replace("lr = 0.02", "lr = 0.03"))
     assert not set(ids) & {r.run_id for r, _ in X.load_config(cfg).runs()}
