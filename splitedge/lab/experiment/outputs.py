@@ -2,8 +2,7 @@
 every finished run.
 
 Outputs in the output directory (created with a ``.splitedge-experiment`` marker; a non-empty
-directory without one is refused, unless it is an older output of this command, see
-:func:`check_out_dir`):
+directory without one is refused, see :func:`check_out_dir`):
 
 * ``runs/<run id>/``: the processes' commands, logs, ``cloud-metrics.jsonl``, the clients'
   summaries ``edge-<i>.json``, ``settings.json``, this run's ``evals.jsonl``, its TensorBoard
@@ -19,7 +18,6 @@ directory without one is refused, unless it is an older output of this command, 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +29,12 @@ from .run import _point_lines, _write_jsonl, load_result
 
 
 MARKER = ".splitedge-experiment"  # marks an output directory this command created or took over
-# what the command writes at the top of its output directory (and the temporary names of fsutil's atomic writes)
-OWN_NAMES = ("runs", "artifacts", "plots", "config.toml", "evals.jsonl", "results.md", "results.json")
-_OWN_TMP = re.compile(r"\.(config\.toml|evals\.jsonl|results\.md|results\.json)\.tmp-\d+")
-
-
-def _is_old_output(out: Path) -> bool:
-    """An output directory of this command from before the marker: its own files only, its
-    ``config.toml`` and at least one run directory (``runs/<id>/settings.json``, a run's first file)."""
-    try:
-        names = [p.name for p in out.iterdir()]
-        return ((out / "config.toml").is_file() and (out / "runs").is_dir()
-                and any((out / "runs").glob("*/settings.json"))
-                and all(n in OWN_NAMES or _OWN_TMP.fullmatch(n) for n in names))
-    except OSError:
-        return False
 
 
 def check_out_dir(out: Path) -> bool:
     """Refuses (:class:`UserError`) an output directory that is not this command's to write.
 
-    Accepted: a directory that does not exist yet or is empty, one with the :data:`MARKER`,
-    and an output of this command written before the marker existed (:func:`_is_old_output`).
+    Accepted: a directory that does not exist yet or is empty, and one with the :data:`MARKER`.
     Anything else (say, ``--out`` mistyped as a directory of the user's own with a
     ``results.md`` in it) would have files overwritten. Returns whether the marker is missing.
     """
@@ -66,11 +48,10 @@ def check_out_dir(out: Path) -> bool:
         empty = not any(out.iterdir())
     except OSError as e:
         raise UserError(f"output directory {out}: cannot read: {e.strerror or e}") from None
-    if empty or _is_old_output(out):
+    if empty:
         return True
     raise UserError(f"output directory {out} is not empty and was not written by splitedge experiment (it has no "
-                    f"{MARKER} file); choose another --out, or, if it is the output of an experiment run before "
-                    f"that marker existed, mark it with: touch {out / MARKER}")
+                    f"{MARKER} file); choose another --out")
 
 
 def init_out_dir(out: Path, text: str) -> None:
