@@ -10,7 +10,6 @@ for the messages.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +27,12 @@ from .. import codecs as sc
 from ..wire import protocol as P
 from ..wire import security
 from ..export import manifest as mf
-from ..fsutil import MAX_INT, CheckpointDir, atomic_write_json, is_int
+from ..fsutil import CheckpointDir
 from ..wire.transport import DEFAULT_MAX_MESSAGE_BYTES, frame_len, server_socket
-from .trainer import CorruptFile, ServerModel, StepRefused, read_json_object
+from .fedavg import FedAvgRounds, client_param_shapes
+from .metrics import Metrics
+from .state import Checkpointing
+from .trainer import ServerModel, StepRefused
 
 log = logging.getLogger("cloud-serve")
 
@@ -100,48 +101,7 @@ class Session:
         return not self.done and not self.timed_out
 
 
-class Metrics:
-    """JSON lines; a write failure (e.g. a full disk) is reported once and never stops training.
-
-    Every event also goes to the ``observers`` (the status page, TensorBoard), as the dict written.
-    """
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self._f = None
-        self._failed = False
-        self.observers: list[Any] = []
-        if path:
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(path, "a", buffering=1)
-            except OSError as e:
-                raise OSError(e.errno, f"cannot write the metrics file {path}: {e.strerror or e}") from None
-
-    def write(self, event: str, **fields: Any) -> None:
-        to_file = self._f is not None and not self._failed
-        if not to_file and not self.observers:
-            return
-        rec = {"event": event, "t": round(time.time(), 4), **fields}
-        for observe in self.observers:
-            observe(rec)
-        if not to_file:
-            return
-        try:
-            self._f.write(json.dumps(rec, default=float) + "\n")
-        except OSError as e:
-            self._failed = True
-            log.error("metrics: cannot write %s (%s); metrics are off from here, training goes on", self.path, e)
-
-    def close(self) -> None:
-        if self._f is not None:
-            try:
-                self._f.close()
-            except OSError:
-                pass
-
-
-class CloudServer:
+class CloudServer(Checkpointing):
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.manifest = mf.load(cfg.artifacts)
@@ -153,12 +113,11 @@ class CloudServer:
             cfg.artifacts, self.manifest, optimizer=cfg.optimizer, lr=cfg.lr,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=cfg.device,
         )
-        self.client_param_shapes = _client_param_shapes(self.manifest)
+        self.client_param_shapes = client_param_shapes(self.manifest)
         self.sessions: dict[bytes, Session] = {}
         self.by_client: dict[int, Session] = {}
         self.progress: dict[int, dict[str, Any]] = {}  # client_id -> {last_step, done[, key]}; persisted
-        self.pending: dict[int, dict[int, tuple[dict[str, np.ndarray], int]]] = {}  # round -> client -> (weights, samples)
-        self.pending_since: dict[int, float] = {}  # round -> when its first weights arrived
+        self.fedavg = FedAvgRounds(self.client_param_shapes, cfg.expect_clients, cfg.client_timeout_s)
         self.server_step = 0
         self.session_id = uuid.uuid4().hex[:12]
         self.metrics = Metrics(cfg.metrics)
@@ -229,7 +188,7 @@ class CloudServer:
         if self.status_board is None or now - self._status_synced < 0.5:
             return
         self._status_synced = now
-        owed = {cid for got in self.pending.values() for cid in got}
+        owed = self.fedavg.waiting()
         self.status_board.sync([
             (s.client_id, now - s.last_seen, s.active, s.timed_out,
              (s.active and s.client_id in owed) or
@@ -287,7 +246,7 @@ class CloudServer:
                 log.warning("client %d silent for %.0fs: timed out (the others go on)", s.client_id, now - s.last_seen)
                 self.metrics.write("client_timeout", client=s.client_id, last_step=s.last_step)
                 self._complete_rounds()
-        if self.pending:  # rounds that were waiting for clients to join may be due
+        if self.fedavg.pending:  # rounds that were waiting for clients to join may be due
             self._complete_rounds()
         if self.ckpt and self.server_step - self._last_ckpt_step >= self.cfg.checkpoint_every:
             try:
@@ -406,14 +365,6 @@ class CloudServer:
                 self._send(identity, P.error(reply_to, code=P.ErrorCode.TOO_MANY_ERRORS,
                                              message="too many bad messages; say HELLO again"))
                 self._forget(session)
-
-    @staticmethod
-    def _progress_entry(s: Session, *, done: bool) -> dict[str, Any]:
-        """What the checkpoint keeps of a client: its last applied step, whether it finished, its key."""
-        e: dict[str, Any] = {"last_step": s.last_step, "done": done}
-        if s.key is not None:
-            e["key"] = s.key
-        return e
 
     def _peer_key(self, frames: list[Any]) -> str | None:
         """The CurveZMQ public key (Z85) that the ZAP handler authenticated for this message; None without CURVE."""
@@ -664,42 +615,21 @@ class CloudServer:
             if not np.isfinite(w).all():
                 raise P.ProtocolError(f"WEIGHTS {name} contains NaN or Inf", P.ErrorCode.NOT_FINITE)
             weights[name] = w
-        self.pending.setdefault(h["round"], {})[s.client_id] = (weights, max(1, h["samples"]))
-        self.pending_since.setdefault(h["round"], time.monotonic())
+        self.fedavg.add(h["round"], s.client_id, weights, h["samples"])
         s.fedavg_round = max(s.fedavg_round, h["round"])
         s.weights_id = h["id"]
         self._complete_rounds()
 
     def _complete_rounds(self) -> None:
-        """Averages every pending round that no active client still owes.
-
-        A client owes round r if it has not sent weights for r, neither now nor in an earlier
-        average of r (a client that joined late, or came back, averages with the others from
-        the next round on). While fewer than --expect-clients clients have joined, rounds wait
-        for them, at most --client-timeout after their first weights arrived.
-        """
-        now = time.monotonic()
-        for rnd in sorted(self.pending):
-            got = self.pending[rnd]
-            owing = [c for c, x in self.by_client.items() if x.active and c not in got and x.fedavg_round < rnd]
-            waiting_for_joiners = (
-                self.cfg.expect_clients and len(self.by_client) < self.cfg.expect_clients
-                and now - self.pending_since.get(rnd, now) < self.cfg.client_timeout_s
-            )
-            if not got or owing or waiting_for_joiners:
-                continue
-            total = sum(n for _, n in got.values())
-            names = sorted(self.client_param_shapes)
-            avg = {k: sum(w[k].astype(np.float64) * (n / total) for w, n in got.values()).astype(np.float32) for k in names}
-            for cid in got:
+        """Sends the average of every round that is due (see :meth:`FedAvgRounds.due`) to its clients."""
+        for rnd, clients, avg, total in self.fedavg.due(self.by_client):
+            for cid in clients:
                 x = self.by_client.get(cid)
                 if x is None or x.weights_id is None:  # gone, or back with a new session that sent no weights
                     continue
-                self._send(x.identity, P.weights_avg(x.weights_id, rnd=rnd, params=avg, clients=len(got)))
-            log.info("FedAvg round %d over clients %s", rnd, sorted(got))
-            self.metrics.write("fedavg", round=rnd, clients=sorted(got), samples=total)
-            del self.pending[rnd]
-            self.pending_since.pop(rnd, None)
+                self._send(x.identity, P.weights_avg(x.weights_id, rnd=rnd, params=avg, clients=len(clients)))
+            log.info("FedAvg round %d over clients %s", rnd, clients)
+            self.metrics.write("fedavg", round=rnd, clients=clients, samples=total)
 
     def _on_bye(self, identity: bytes, msg: P.Message) -> None:
         old = self.sessions.get(identity)
@@ -737,82 +667,6 @@ class CloudServer:
         P.MsgType.PING: _on_ping,
     }
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def _checkpoint(self) -> None:
-        assert self.ckpt is not None
-        for s in self.by_client.values():
-            self.progress[s.client_id] = self._progress_entry(s, done=s.done)
-
-        def write(d: Path) -> None:
-            self.model.save(d)
-            atomic_write_json(d / "server_state.json", {
-                "format_version": 1, "server_step": self.server_step, "model": self.manifest.model,
-                "cut": self.manifest.cut, "clients": {str(k): v for k, v in self.progress.items()},
-                **self.codec_settings(),
-            })
-
-        try:
-            path = self.ckpt.write(f"{self.server_step:09d}", write)
-        except OSError as e:
-            log.error("checkpoint at server step %d failed: %s; the previous checkpoint is intact", self.server_step, e)
-            self.metrics.write("checkpoint_failed", server_step=self.server_step, error=str(e))
-            self._last_ckpt_step = self.server_step  # retry at the next interval, not every message
-            raise
-        self._last_ckpt_step = self.server_step
-        self.metrics.write("checkpoint", server_step=self.server_step, path=str(path))
-
-    def _resume(self) -> None:
-        if self.ckpt is None:
-            raise ValueError("--resume needs --checkpoint-dir")
-        try:
-            path = self.ckpt.latest()
-        except OSError as e:  # CheckpointDirError: its message says how to repair the directory
-            raise OSError(f"--resume: {e}") from None
-        if path is None:
-            log.info("--resume: no checkpoint in %s yet; starting fresh", self.cfg.checkpoint_dir)
-            return
-        try:
-            server_step, model, cut, progress = _read_server_state(path / "server_state.json")
-            if (model, cut) != (self.manifest.model, self.manifest.cut):
-                raise ValueError(f"checkpoint {path} is for {model} cut {cut}, not these artifacts")
-            self.model.load(path)
-            saved = self.model.hparams
-            self.model.set_hparams({k: getattr(self.cfg, k) for k in self.cfg.hparams_given})
-        except CorruptFile as e:
-            raise CorruptFile(e.path, f"{e.why}. The checkpoint {path.name} is damaged: "
-                                      f"{self._resume_advice(path)}") from None
-        self.ckpt.adopt(path)  # this run continues it: rotation may delete it once newer ones exist
-        self.server_step = server_step
-        self._last_ckpt_step = self.server_step
-        self.progress = progress
-        log.info("resumed from %s: server step %d, clients %s", path, self.server_step,
-                 {k: v["last_step"] for k, v in self.progress.items()})
-        now = self.model.hparams
-        changed = {k: (saved[k], now[k]) for k in now if now[k] != saved.get(k)}
-        log.info("server optimizer %s: %s%s", self.cfg.optimizer, ", ".join(f"{k} {v:g}" for k, v in now.items()),
-                 " (" + ", ".join(f"--{k.replace('_', '-')} {b:g} replaces the checkpoint's {a:g}"
-                                  for k, (a, b) in changed.items()) + ")" if changed else
-                 " (the checkpoint's; --lr, --momentum or --weight-decay given on the command line replace them)")
-        # steps a previous run applied after this checkpoint are gone with it: say so, so that the
-        # metrics can be read exactly (a step in flight at a crash may be applied again here)
-        self.metrics.write("resume", session=self.session_id, checkpoint=str(path), server_step=self.server_step,
-                           clients={str(k): v["last_step"] for k, v in self.progress.items()})
-
-    def _resume_advice(self, damaged: Path) -> str:
-        """What to do about a damaged checkpoint: resume from the one before it (named, by hand: never
-        silently, as its clients' progress is older), or start without --resume."""
-        assert self.ckpt is not None
-        root = self.ckpt.root
-        earlier = sorted(p.name for p in root.glob("ckpt-*") if p.is_dir() and p.name < damaged.name)
-        fresh = "start without --resume (from the exported weights) and with another --checkpoint-dir"
-        if not earlier:
-            return f"no earlier checkpoint is kept in {root}; {fresh}"
-        latest = root / "LATEST"
-        return (f"to resume from the earlier checkpoint {earlier[-1]} (its client progress is older), write its name "
-                f"into {latest} (echo {earlier[-1]} > {latest}) and start with --resume again; or {fresh}")
-
-
 def _check_hello(h: dict[str, Any]) -> None:
     """ProtocolError naming the first HELLO field out of its range (types are checked by the schema)."""
     top = P.MAX_HEADER_INT
@@ -824,44 +678,6 @@ def _check_hello(h: dict[str, Any]) -> None:
         raise P.ProtocolError("HELLO: fresh must be true or false")
     if "client_files" in h and not (isinstance(h["client_files"], str) and len(h["client_files"]) <= 64):
         raise P.ProtocolError("HELLO: client_files must be a string of at most 64 characters")
-
-
-def _read_server_state(path: Path) -> tuple[int, str, int, dict[int, dict[str, Any]]]:
-    """(server step, model, cut, client progress) of a checkpoint's server_state.json; CorruptFile naming it
-    and the field unless every field has its type and range."""
-    state = read_json_object(path)
-    try:
-        server_step, model, cut, clients = state["server_step"], state["model"], state["cut"], state["clients"]
-        if state.get("format_version", 1) != 1:
-            raise ValueError(f"format_version {str(state['format_version'])[:20]} is not 1")
-        if not (is_int(server_step) and isinstance(model, str) and is_int(cut, 0, 1000)):
-            raise TypeError("server_step, model or cut of the wrong type or out of range")
-        if not isinstance(clients, dict):
-            raise TypeError("clients is not an object")
-        progress = {}
-        for k, v in clients.items():
-            if not (_CLIENT_KEY.fullmatch(k) and is_int(int(k))):
-                raise ValueError(f"client id {k[:24]!r} is not an integer in 0..{MAX_INT}")
-            if not (isinstance(v, dict) and is_int(v.get("last_step"))):
-                raise TypeError(f"client {k}: last_step is not an integer in 0..{MAX_INT}")
-            if not isinstance(v.get("done", False), bool) or not (v.get("key") is None or (
-                    isinstance(v["key"], str) and len(v["key"]) == 40)):
-                raise TypeError(f"client {k}: done or key of the wrong type")
-            progress[int(k)] = {x: v[x] for x in ("last_step", "done", "key") if x in v}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CorruptFile(path, f"is not a server state ({type(e).__name__}: {e})") from None
-    return server_step, model, cut, progress
-
-
-_CLIENT_KEY = re.compile(r"0|[1-9][0-9]{0,15}")
-
-
-def _client_param_shapes(m: mf.Manifest) -> dict[str, tuple[int, ...]]:
-    from ..export import split, zoo
-
-    client, _ = split.split(m.model, zoo.build(m.model, m.num_classes, m.input_shape[0]), m.cut)
-    names = set(m.trainable_params) | set(m.frozen_params)
-    return {k: tuple(v.shape) for k, v in client.state_dict().items() if k in names}
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitedge.lab import experiment as X
+from splitedge.lab.experiment.config import _slug
 from splitedge.lab.launch import script
 
 SYNTH = "synthetic:n=2048,classes=10,shape=1x28x28,seed=0"
@@ -367,7 +368,7 @@ def test_run_ids_are_stable_and_follow_the_settings(tmp_path):
     ids = [r.run_id for r, _ in X.load_config(cfg).runs()]
     assert ids == [r.run_id for r, _ in X.load_config(cfg).runs()]
     assert ids[0].startswith("fp32-iid-c2-50mbit-s50-seed0-") and ids[1].startswith("sgq4-iid-c2-50mbit-s50-seed0-")
-    assert all(i == X._slug(i) for i in ids), "filesystem-safe"
+    assert all(i == _slug(i) for i in ids), "filesystem-safe"
     # what the run computes changes the id; what only the report uses does not
     cfg.write_text(CONFIG.replace("lr = 0.02", "lr = 0.03"))
     assert not set(ids) & {r.run_id for r, _ in X.load_config(cfg).runs()}
@@ -475,40 +476,27 @@ def test_the_output_directory_is_marked_and_reused(tmp_path):
         assert (out / "results.md").read_text().startswith("# Tiny grid"), "its own results are rewritten"
 
 
-def _old_output(out: Path) -> None:
-    """The layout of an output written before the marker existed."""
+def test_an_unmarked_output_of_this_command_is_refused_untouched(tmp_path):
+    """Only the marker makes a directory this command's: one laid out like its output (config.toml,
+    runs/<id>/settings.json, results.md) but without the marker is refused like any other."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "unmarked"
     run = out / "runs" / "fp32-iid-c2-50mbit-s50-seed0-00000000"
     run.mkdir(parents=True)
     (run / "settings.json").write_text("{}\n")
     (out / "config.toml").write_text(CONFIG)
     (out / "results.md").write_text("old\n")
     (out / "evals.jsonl").write_text("")
-
-
-def test_an_output_from_before_the_marker_is_resumed(tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(CONFIG)
-    out = tmp_path / "old"
-    _old_output(out)
-    result = _invoke(cfg, out, "--report-only")
-    assert result.exit_code == 0, result.output
-    assert (out / X.MARKER).is_file() and (out / "results.md").read_text().startswith("# Tiny grid")
-
-
-def test_an_old_looking_output_with_foreign_files_needs_the_marker(tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(CONFIG)
-    out = tmp_path / "old"
-    _old_output(out)
-    (out / "notes.txt").write_text("mine\n")
     before = _snapshot(out)
     result = _invoke(cfg, out, "--report-only")
     assert result.exit_code == 2, result.output
-    assert f"touch {out / X.MARKER}" in result.output and _snapshot(out) == before
-    (out / X.MARKER).touch()  # what the message says to do
+    assert f"output directory {out} is not empty" in result.output and X.MARKER in result.output
+    assert _snapshot(out) == before, "nothing written, nothing replaced"
+    (out / X.MARKER).touch()
     result = _invoke(cfg, out, "--report-only")
     assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_text() == "mine\n" and (out / "results.md").read_text().startswith("# Tiny")
+    assert (out / "results.md").read_text().startswith("# Tiny grid"), "a marked directory is resumed"
 
 
 def test_report_only_needs_no_data(tmp_path):

@@ -412,9 +412,9 @@ def test_weights_are_taken_only_for_the_round_the_client_is_at(cloud, ex, art):
     other: weights for other rounds would wait in the cloud's memory for rounds that may never
     complete (and could be averaged into other clients' rounds)."""
     from splitedge.export import manifest as mf
-    from splitedge.runtime_cloud.server import _client_param_shapes
+    from splitedge.runtime_cloud.fedavg import client_param_shapes
 
-    shapes = _client_param_shapes(mf.load(art))
+    shapes = client_param_shapes(mf.load(art))
     ex.hello(2, 8)
     out = ex.send(2, weights_message(shapes, 1))
     assert [m.header.get("code") for m in out] == ["unexpected"], "no step yet: no round to send weights for"
@@ -655,9 +655,9 @@ def step_ids(draw, applied: int) -> int:
 
 def test_fuzz_the_running_server(cloud, art):
     from splitedge.export import manifest as mf
-    from splitedge.runtime_cloud.server import _client_param_shapes
+    from splitedge.runtime_cloud.fedavg import client_param_shapes
 
-    weight_shapes = _client_param_shapes(mf.load(art))
+    weight_shapes = client_param_shapes(mf.load(art))
     ex = Exchange(cloud)
 
     def train_or_eval(i: int, data, what: str) -> list:

@@ -387,6 +387,7 @@ SERVER_STATE = {"format_version": 1, "server_step": 7, "model": "resnet18", "cut
                 "clients": {"0": {"last_step": 7, "done": False}}}
 SERVER_STATE_CASES = {
     "deep nesting": '{"server_step": 7, "model": "resnet18", "cut": 3, "clients": {"0": ' + DEEP + "}}",
+    "no format_version": {k: v for k, v in SERVER_STATE.items() if k != "format_version"},
     "NaN": json.dumps(SERVER_STATE).replace('"server_step": 7', '"server_step": NaN'),
     "server_step as a string": {**SERVER_STATE, "server_step": "7"},
     "clients as a list": {**SERVER_STATE, "clients": [7]},
@@ -401,7 +402,7 @@ SERVER_STATE_CASES = {
 
 @pytest.mark.parametrize("case", list(SERVER_STATE_CASES))
 def test_a_hostile_server_state_is_refused_naming_it(tmp_path, case):
-    from splitedge.runtime_cloud.server import _read_server_state
+    from splitedge.runtime_cloud.state import _read_server_state
     from splitedge.runtime_cloud.trainer import CorruptFile
 
     content = SERVER_STATE_CASES[case]
