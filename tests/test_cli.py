@@ -108,7 +108,7 @@ def test_every_float_option_refuses_nan_and_infinity():
     for argv, cmd in COMMANDS:
         for p in cmd.params:
             where = f"{' '.join(argv)} {p.opts}"
-            if isinstance(p.type, click.types.FloatParamType) or isinstance(p.type, click.FloatRange):
+            if isinstance(p.type, (click.types.FloatParamType, click.FloatRange)):
                 assert isinstance(p.type, FiniteFloat), f"{where}: a float option that accepts NaN/inf"
                 for bad in ("nan", "inf", "-inf"):
                     with pytest.raises(click.BadParameter, match="not a finite number|not in the range"):
