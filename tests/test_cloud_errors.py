@@ -193,6 +193,7 @@ def _checkpoints(art: Path, root: Path, tags: list[int]) -> CheckpointDir:
 
 @pytest.mark.parametrize("name", ["server_model.safetensors", "server_optimizer.safetensors", "server_state.json",
                                   "server_optimizer.json"])
+@pytest.mark.slow
 def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_earlier_checkpoint(art, tmp_path, name):
     root = tmp_path / "ckpt"
     cd = _checkpoints(art, root, [5, 10])
@@ -208,6 +209,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_earlier_checkpo
     assert _tree(root) == before, "nothing in the checkpoint directory changed"
 
 
+@pytest.mark.slow
 def test_resume_from_the_only_checkpoint_damaged(art, tmp_path):
     root = tmp_path / "ckpt"
     cd = _checkpoints(art, root, [7])
@@ -236,6 +238,7 @@ def _resumed_banner(art: Path, root: Path, tmp_path: Path, *extra: str) -> str:
     return err.read_text()
 
 
+@pytest.mark.slow
 def test_resume_takes_the_checkpoints_optimizer_settings_unless_given(art, tmp_path):
     """The checkpoint was written with lr 0.01, momentum 0.9. A --resume without --lr/--momentum keeps
     them (cloud-serve's defaults, lr 0.01 and momentum 0, must not replace them silently); --lr given
@@ -363,6 +366,7 @@ def _train(port: int, steps: int) -> None:
         s.close()
 
 
+@pytest.mark.slow
 def test_restarts_do_not_push_real_checkpoints_out(art, tmp_path):
     """cloud-serve checkpoints every 2 server steps, keeps 2: after 4 steps it holds steps 2 and 4;
     its final checkpoint at shutdown (step 4 again) and two restarts with --resume that stop at
@@ -437,6 +441,7 @@ def test_bench_load_checks_json_before_running(tmp_path, where):
     assert "exporting" not in res.stdout, "refused before the benchmark started"
 
 
+@pytest.mark.slow
 def test_a_fresh_run_refuses_a_checkpoint_dir_with_an_earlier_runs_checkpoints(art, tmp_path):
     """Without --resume, a new run would point LATEST at its own checkpoints and prune the earlier
     run's: refused, the directory unchanged."""

@@ -637,6 +637,7 @@ def step_ids(draw, applied: int) -> int:
 # ---------------------------------------------------------------------------- the fuzz
 
 
+@pytest.mark.slow
 def test_fuzz_the_running_server(cloud, art):
     from splitedge.export import manifest as mf
     from splitedge.runtime_cloud.server import _client_param_shapes

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import splitedge.codecs as codecs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +18,7 @@ SCRIPT = ROOT / "scripts" / "grad_fidelity.py"
 DATA = "synthetic:n=64,test=16,classes=10,shape=1x28x28,seed=1"
 
 
+@pytest.mark.slow
 def test_grad_fidelity_prints_a_row_for_every_codec(tmp_path):
     out = tmp_path / "gf.json"
     r = subprocess.run(
