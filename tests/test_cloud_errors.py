@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
-from helpers import bin_path
+from helpers import CliResult, bin_path, run_cli
 from splitedge import codecs as sc
 from splitedge.lab import launch
 from splitedge.wire import protocol as P
@@ -40,12 +40,16 @@ def art(exported):
     return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
 
 
-def _run(*argv: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def _run(*argv: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess | CliResult:
+    """A command that must be refused at startup: in this process (click's CliRunner), or as a
+    subprocess where it needs its own working directory."""
+    if cwd is None:
+        return run_cli(*argv)
     cmd = launch.script(argv[0]) if argv[0] == "cloud-serve" else [bin_path(argv[0])]
     return subprocess.run(cmd + list(argv[1:]), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def _refused(res: subprocess.CompletedProcess, *needles: str) -> str:
+def _refused(res: subprocess.CompletedProcess | CliResult, *needles: str) -> str:
     """The error line of a run that must have been refused with exit 2, no traceback, naming ``needles``."""
     assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
