@@ -88,7 +88,7 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
         """A Manifest from its JSON; :class:`ManifestError` naming the field of a wrong type or range."""
         if not isinstance(d, dict):
             raise ManifestError("manifest.json must hold a JSON object")

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -158,7 +158,7 @@ def _torch_export(part: nn.Module, sample: torch.Tensor, training: bool, opset: 
             torch.onnx.export(
                 part,
                 (sample,),
-                buf,
+                buf,  # type: ignore[arg-type]  # the legacy exporter writes to a file object; torch's stub omits it
                 input_names=[INPUT],
                 output_names=[ACTIVATION],
                 dynamic_axes={INPUT: {0: "batch"}, ACTIVATION: {0: "batch"}},

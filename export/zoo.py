@@ -20,7 +20,7 @@ exactly what the whole model computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,8 @@ class VGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
@@ -246,6 +247,10 @@ class ShuffleInvertedResidual(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
+    stage2: nn.Sequential  # set by name in __init__
+    stage3: nn.Sequential
+    stage4: nn.Sequential
+
     def __init__(self, stages_repeats: list[int], stages_out: list[int], num_classes: int = 1000, in_channels: int = 3):
         super().__init__()
         cin = in_channels

@@ -268,7 +268,7 @@ class _HashSink(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:  # type: ignore[override]
+    def write(self, b) -> int:
         self.h.update(b)
         self.n += len(b)
         return len(b)
@@ -283,7 +283,7 @@ class _Tee(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:  # type: ignore[override]
+    def write(self, b) -> int:
         self.f.write(b)
         self.h.update(b)
         self.n += len(b)
@@ -330,8 +330,8 @@ def build(profile: Profile, artifacts: str | os.PathLike[str], dest: str | os.Pa
     data["BUNDLE.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
     def write(raw: BinaryIO) -> None:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for name in sorted(data):
                     info = tarfile.TarInfo(name)
                     info.size = len(data[name])

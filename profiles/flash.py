@@ -23,6 +23,7 @@ none of them; the bundle is then only hashed in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -504,7 +505,7 @@ class Flasher:
                 r.selftest = None
             if rc != 0 or not r.selftest or not r.selftest.get("ok"):
                 why = (r.selftest or {}).get("error") or (
-                    "the self-test printed no result (exit code %d): see its output above" % rc)
+                    f"the self-test printed no result (exit code {rc}): see its output above")
                 where = self._mark_failed(info.id, state, f"self-test failed: {why}\n\n" + "\n".join(lines[-200:]))
                 raise FlashError(step, f"self-test failed on the board: {why}; {where}")
             self._line("selftest", f"passed in {time.monotonic() - t0:.1f} s: {r.selftest.get('summary')}")
@@ -527,10 +528,8 @@ class Flasher:
         except FlashError as e:
             r.ok, r.failed_step, r.error = False, e.step, str(e)
             if step in ("copy", "unpack") and not self.dry_run:
-                try:
+                with contextlib.suppress(FlashError):
                     self._ssh("cleanup", cleanup_script(req.remote_dir, self.incoming), check=False)
-                except FlashError:
-                    pass
             self.out(f"FAILED at {e.step}: {e}")
             if step not in ("bundle", "check"):
                 prev = r.previous or "nothing (no release was installed before)"

@@ -339,12 +339,12 @@ class _Reader:
             raise self.err(k, f"must be {_type_name(typ)}", allowed, v)
         return v
 
-    def table(self, k: str) -> "_Reader":
+    def table(self, k: str) -> _Reader:
         if k not in self.data:
             raise ProfileError("is missing", path=self.path, key=self.key(k), allowed="a [table]")
         return _Reader(self.data.pop(k), self.key(k) + ".", self.path)
 
-    def optional_table(self, k: str) -> "_Reader | None":
+    def optional_table(self, k: str) -> _Reader | None:
         return self.table(k) if k in self.data else None
 
     def done(self, known: tuple[str, ...]) -> None:

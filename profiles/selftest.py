@@ -201,6 +201,8 @@ def run(*, bundle: Path | None, profile_ref: str | None, artifacts: Path | None,
 
         from ..export.manifest import ManifestError
 
+        if artifacts is None:
+            raise SelfTestFailed(step, "no artifact directory: give --artifacts or --bundle")
         t0 = time.perf_counter()
         try:
             model = edge_backend.EdgeModel(

@@ -190,7 +190,10 @@ class ServerModel:
                 raise StepRefused(f"the loss is {float(loss.detach())}", not_finite=True)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [x.grad]
+            x_grad = x.grad
+            if x_grad is None:  # x requires grad, so the backward always fills it
+                raise RuntimeError("the activation received no gradient")
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [x_grad]
             if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
                 raise StepRefused("the gradients are not finite", not_finite=True)
         except StepRefused:
@@ -202,7 +205,7 @@ class ServerModel:
         self.opt.step()
         self.steps += 1
         correct = int((logits.detach().argmax(1) == y).sum())
-        grad = x.grad.detach().to("cpu").numpy().astype(np.float32, copy=False)
+        grad = x_grad.detach().to("cpu").numpy().astype(np.float32, copy=False)
         return StepResult(float(loss.detach()), correct, grad)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ DEFAULT_BACKEND = "ort-training"
 class ModelLoadError(RuntimeError):
     """ONNX Runtime cannot load a model or checkpoint file (``path`` names it)."""
 
-    def __init__(self, message: str, path: "str | os.PathLike[str]"):
+    def __init__(self, message: str, path: str | os.PathLike[str]):
         super().__init__(message)
         self.path = Path(path)
 
@@ -28,7 +28,7 @@ class BackendMismatch(mf.ManifestError):
     """A checkpoint written by one edge backend given to the other."""
 
 
-def checkpoint_backend(path: "str | os.PathLike[str]") -> "str | None":
+def checkpoint_backend(path: str | os.PathLike[str]) -> str | None:
     """Which backend wrote the edge checkpoint at ``path``: the portable one writes an npz (a zip
     archive), ONNX Runtime training a flatbuffer. None when the file cannot be read."""
     try:
@@ -39,6 +39,6 @@ def checkpoint_backend(path: "str | os.PathLike[str]") -> "str | None":
     return "portable" if head == b"PK\x03\x04" else "ort-training"
 
 
-def mismatch_message(path: "str | os.PathLike[str]", written_by: str, wanted: str) -> str:
+def mismatch_message(path: str | os.PathLike[str], written_by: str, wanted: str) -> str:
     return (f"{path} was written by the {written_by} edge backend and cannot be resumed with --backend {wanted}: "
             f"resume with --backend {written_by}, or start fresh with an empty --checkpoint-dir")

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
@@ -148,9 +148,9 @@ class EdgeModel:
 
     def __init__(
         self,
-        artifacts: "str | os.PathLike[str]",
+        artifacts: str | os.PathLike[str],
         *,
-        checkpoint: "str | os.PathLike[str] | None" = None,
+        checkpoint: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         threads: Optional[int] = None,
         lr: Optional[float] = None,
@@ -216,7 +216,8 @@ class EdgeModel:
         if checkpoint:
             self._load_checkpoint(Path(checkpoint), lr)
         self._version = 0
-        self._cache = None  # (x object, converted x, outputs dict, parameter version)
+        # (x object, converted x, outputs dict, parameter version)
+        self._cache: Optional[Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray], int]] = None
         self._outbuf: Dict[int, Dict[str, np.ndarray]] = {}
         self._inference_path = files["inference"]
         self._inference_providers = list(inference_providers or ["CPUExecutionProvider"])
@@ -428,7 +429,7 @@ class EdgeModel:
             (target if target is not None else self._buffers[n])[...] = np.asarray(v, dtype=np.float32)
         self._version += 1
 
-    def save_checkpoint(self, path: "str | os.PathLike[str]", include_optimizer_state: bool = True) -> None:
+    def save_checkpoint(self, path: str | os.PathLike[str], include_optimizer_state: bool = True) -> None:
         """Writes an npz checkpoint atomically (temporary file, fsync, rename)."""
         path = Path(path)
         opt = self.optimizer
@@ -444,7 +445,7 @@ class EdgeModel:
             for k, v in opt.state.items():
                 arrays["opt/" + k] = v
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:

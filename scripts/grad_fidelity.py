@@ -234,7 +234,7 @@ def main(argv=None) -> int:
             f"{'zeros':>6s} {'cos@' + str(a.steps):>7s}")
     print(head)
     rows = []
-    for j, (label, name, params, abl) in enumerate(variants):
+    for j, (label, name, _params, abl) in enumerate(variants):
         row = {
             "label": label, "codec": name, "params": streams[j].params, "ablation": abl,
             "bits_per_value": float(bits[:, j].mean()),

@@ -23,6 +23,7 @@ file is a :class:`BadFile` naming it, never a RecursionError or MemoryError.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -193,10 +194,8 @@ def check_writable_file(path: str | os.PathLike[str]) -> None:
     except OSError as e:
         raise OSError(e.errno, f"cannot write {str(path)!r}: {_why(e)}") from None
     if not existed:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
 
 class CheckpointDirError(OSError):

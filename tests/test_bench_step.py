@@ -6,11 +6,13 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from helpers import bin_path
+import pytest
+
+from helpers import bin_path, run_cli
 
 
+@pytest.mark.slow
 def test_bench_step_prints_and_writes_json(tmp_path):
     out = tmp_path / "step.json"
     res = subprocess.run(
@@ -41,10 +43,11 @@ def test_bench_step_prints_and_writes_json(tmp_path):
 
 
 def test_bench_step_rejects_bad_shapes():
-    res = subprocess.run([bin_path("splitedge"), "bench", "step", "--shapes", "28x28"], capture_output=True, text=True)
+    res = run_cli("splitedge", "bench", "step", "--shapes", "28x28")
     assert res.returncode == 2 and "CxHxW" in res.stderr
 
 
+@pytest.mark.slow
 def test_sgq_floor_script_runs_and_onnxruntime_assigns_like_numpy():
     """`splitedge bench sgq-floor` backs docs/codecs.md's account of SGQ's encode time; it exits
     non-zero if ONNX Runtime's assignment disagrees with kmeans.nearest's labels."""

@@ -8,7 +8,6 @@ needs what the script needs: root, binfmt_misc, a reachable Debian mirror.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import uuid

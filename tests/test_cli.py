@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import subprocess
+from pathlib import Path
 
 import click
 import pytest
 
-from helpers import bin_path
+from helpers import bin_path, run_cli
 from splitedge.cli import SUBCOMMANDS
 
 SCRIPTS = {
@@ -43,7 +44,7 @@ COMMANDS = _all_commands()
 
 @pytest.mark.parametrize("argv,cmd", COMMANDS, ids=[" ".join(a[0].split("/")[-1:] + a[1:]) for a, _ in COMMANDS])
 def test_help_documents_every_option(argv, cmd):
-    res = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120)
+    res = run_cli(Path(argv[0]).name, *argv[1:], "--help")
     assert res.returncode == 0, res.stderr
     assert (cmd.help or "").strip().split("\n")[0][:40] in " ".join(res.stdout.split())
     for p in cmd.params:
@@ -54,12 +55,12 @@ def test_help_documents_every_option(argv, cmd):
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_unknown_option_exits_2(name):
-    res = subprocess.run([bin_path(name), "--no-such-option"], capture_output=True, text=True, timeout=120)
+    res = run_cli(name, "--no-such-option")
     assert res.returncode == 2 and "No such option" in res.stderr
 
 
 def test_splitedge_lists_its_subcommands():
-    res = subprocess.run([bin_path("splitedge"), "--help"], capture_output=True, text=True, timeout=60)
+    res = run_cli("splitedge", "--help")
     assert res.returncode == 0
     for name in SUBCOMMANDS:
         assert name in res.stdout
@@ -73,7 +74,7 @@ def test_splitedge_lists_its_subcommands():
     (["cloud-serve", "--artifacts", ".", "--device", "tpu"], "'tpu' is not a torch device"),
 ])
 def test_bad_endpoints_and_models_exit_2(argv, needle):
-    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    res = run_cli(*argv)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and "Traceback" not in res.stderr
 
@@ -94,8 +95,7 @@ def test_cloud_device_without_cuda_exits_2():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal cannot be shown here")
-    res = subprocess.run([bin_path("cloud-serve"), "--artifacts", ".", "--device", "cuda"], capture_output=True,
-                         text=True, timeout=120)
+    res = run_cli("cloud-serve", "--artifacts", ".", "--device", "cuda")
     assert res.returncode == 2 and "CUDA is not available here" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -108,7 +108,7 @@ def test_every_float_option_refuses_nan_and_infinity():
     for argv, cmd in COMMANDS:
         for p in cmd.params:
             where = f"{' '.join(argv)} {p.opts}"
-            if isinstance(p.type, click.types.FloatParamType) or isinstance(p.type, click.FloatRange):
+            if isinstance(p.type, (click.types.FloatParamType, click.FloatRange)):
                 assert isinstance(p.type, FiniteFloat), f"{where}: a float option that accepts NaN/inf"
                 for bad in ("nan", "inf", "-inf"):
                     with pytest.raises(click.BadParameter, match="not a finite number|not in the range"):
@@ -126,7 +126,7 @@ def test_every_float_option_refuses_nan_and_infinity():
     ["cloud-serve", "--artifacts", "x", "--threads", "100000"],
 ])
 def test_nan_and_absurd_thread_counts_exit_2(argv):
-    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    res = run_cli(*argv)
     assert res.returncode == 2, res.stderr
     assert "not a finite number" in res.stderr or "not in the range 0<=x<=256" in res.stderr, res.stderr
 
@@ -150,7 +150,7 @@ def test_nan_and_absurd_thread_counts_exit_2(argv):
     (["edge-train", "--artifacts", "x", "--connect", "tcp://127.0.0.1:9", "--bandwidth", "10"], "bad rate '10'"),
 ])
 def test_bad_paths_and_conflicting_options_exit_2_before_any_work(argv, message):
-    res = subprocess.run([bin_path(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    res = run_cli(*argv)
     assert res.returncode == 2, res.stderr
     assert message in " ".join(res.stderr.split()), res.stderr
     assert "Traceback" not in res.stderr
@@ -179,7 +179,6 @@ def test_numbers_beyond_what_the_program_can_use_exit_2_naming_the_option(argv, 
     protocol's integers were refused by the cloud after connecting, not by the option."""
     art = exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
     argv = [a.replace("{art}", str(art)) for a in argv]
-    res = subprocess.run([bin_path(argv[0]), *argv[1:], "--connect" if argv[0] == "edge-train" else "--bind",
-                          "tcp://127.0.0.1:9", ], capture_output=True, text=True, timeout=120)
+    res = run_cli(*argv, "--connect" if argv[0] == "edge-train" else "--bind", "tcp://127.0.0.1:9")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert option in res.stderr and "range" in res.stderr, res.stderr[-2000:]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
-from helpers import bin_path
+from helpers import CliResult, bin_path, run_cli
 from splitedge import codecs as sc
 from splitedge.lab import launch
 from splitedge.wire import protocol as P
@@ -40,12 +40,16 @@ def art(exported):
     return exported("resnet18", 3, input_shape=(1, 28, 28), lr=0.02)
 
 
-def _run(*argv: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def _run(*argv: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess | CliResult:
+    """A command that must be refused at startup: in this process (click's CliRunner), or as a
+    subprocess where it needs its own working directory."""
+    if cwd is None:
+        return run_cli(*argv)
     cmd = launch.script(argv[0]) if argv[0] == "cloud-serve" else [bin_path(argv[0])]
     return subprocess.run(cmd + list(argv[1:]), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def _refused(res: subprocess.CompletedProcess, *needles: str) -> str:
+def _refused(res: subprocess.CompletedProcess | CliResult, *needles: str) -> str:
     """The error line of a run that must have been refused with exit 2, no traceback, naming ``needles``."""
     assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -193,6 +197,7 @@ def _checkpoints(art: Path, root: Path, tags: list[int]) -> CheckpointDir:
 
 @pytest.mark.parametrize("name", ["server_model.safetensors", "server_optimizer.safetensors", "server_state.json",
                                   "server_optimizer.json"])
+@pytest.mark.slow
 def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_earlier_checkpoint(art, tmp_path, name):
     root = tmp_path / "ckpt"
     cd = _checkpoints(art, root, [5, 10])
@@ -208,6 +213,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_earlier_checkpo
     assert _tree(root) == before, "nothing in the checkpoint directory changed"
 
 
+@pytest.mark.slow
 def test_resume_from_the_only_checkpoint_damaged(art, tmp_path):
     root = tmp_path / "ckpt"
     cd = _checkpoints(art, root, [7])
@@ -236,6 +242,7 @@ def _resumed_banner(art: Path, root: Path, tmp_path: Path, *extra: str) -> str:
     return err.read_text()
 
 
+@pytest.mark.slow
 def test_resume_takes_the_checkpoints_optimizer_settings_unless_given(art, tmp_path):
     """The checkpoint was written with lr 0.01, momentum 0.9. A --resume without --lr/--momentum keeps
     them (cloud-serve's defaults, lr 0.01 and momentum 0, must not replace them silently); --lr given
@@ -363,6 +370,7 @@ def _train(port: int, steps: int) -> None:
         s.close()
 
 
+@pytest.mark.slow
 def test_restarts_do_not_push_real_checkpoints_out(art, tmp_path):
     """cloud-serve checkpoints every 2 server steps, keeps 2: after 4 steps it holds steps 2 and 4;
     its final checkpoint at shutdown (step 4 again) and two restarts with --resume that stop at
@@ -437,6 +445,7 @@ def test_bench_load_checks_json_before_running(tmp_path, where):
     assert "exporting" not in res.stdout, "refused before the benchmark started"
 
 
+@pytest.mark.slow
 def test_a_fresh_run_refuses_a_checkpoint_dir_with_an_earlier_runs_checkpoints(art, tmp_path):
     """Without --resume, a new run would point LATEST at its own checkpoints and prune the earlier
     run's: refused, the directory unchanged."""

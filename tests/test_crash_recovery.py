@@ -79,6 +79,7 @@ def _stop(*procs: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------------- the cloud crashes
 
 
+@pytest.mark.slow
 def test_cloud_killed_mid_run_resumes_and_every_step_is_accounted_for(art, tmp_path):
     """3 edges x 40 steps; the cloud checkpoints every 5 server steps and is SIGKILLed once the
     metrics show half the steps, then restarted with --resume on the same port. The edges
@@ -145,6 +146,7 @@ def test_cloud_killed_mid_run_resumes_and_every_step_is_accounted_for(art, tmp_p
 # ---------------------------------------------------------------------------- an edge crashes
 
 
+@pytest.mark.slow
 def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
     """An edge checkpointing every 5 steps is SIGKILLed mid-run and restarted with --resume: it
     says HELLO, learns how far the cloud got with its client id, skips those batches (never
@@ -207,6 +209,7 @@ def test_edge_killed_and_restarted_resumes_its_shard(art, exported, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_an_interrupted_edge_saves_a_checkpoint_and_resumes_without_losing_a_step(art, tmp_path, sig):
     """Ctrl-C (or a service manager's SIGTERM) stops edge-train at the next safe point -- between
     steps or while it waits for the cloud -- with a checkpoint of its last completed step, exit
@@ -238,6 +241,7 @@ def test_an_interrupted_edge_saves_a_checkpoint_and_resumes_without_losing_a_ste
     assert sorted(steps) == list(range(1, planned + 1)) and set(steps.values()) == {1}
 
 
+@pytest.mark.slow
 def test_an_interrupted_edge_frees_its_place_on_the_cloud_at_once(art, tmp_path):
     """With --max-clients 1, a second edge waited for --client-timeout after the first one was
     stopped with Ctrl-C. The stopped edge now says BYE "interrupted": its place is free at once,
@@ -367,6 +371,7 @@ def test_rotation_deletes_only_the_checkpoints_of_this_run_in_a_directory_of_for
 
 
 @pytest.mark.parametrize("state", ["LATEST missing", "LATEST empty"])
+@pytest.mark.slow
 def test_cloud_and_edge_resume_refuse_checkpoints_without_a_readable_latest(art, tmp_path, state):
     """D1 through the commands: exit 2 with the repair hint, the directory untouched (the cloud used
     to start fresh here, the edge to train from its initial weights)."""
@@ -390,6 +395,7 @@ def test_cloud_and_edge_resume_refuse_checkpoints_without_a_readable_latest(art,
     assert "Traceback" not in res.stderr and _tree(ckpt) == before
 
 
+@pytest.mark.slow
 def test_cloud_and_edge_refuse_to_resume_from_a_damaged_checkpoint_dir(art, tmp_path):
     """--resume with a LATEST naming a missing directory, or a checkpoint lacking a file: both
     programs stop with a message naming the problem (not a traceback, not a silent fresh start)."""
@@ -456,6 +462,7 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_checkpoint_time_is_reported_and_training_goes_on(art, tmp_path, tiny_disk):
     """The cloud checkpoints every 5 steps onto a disk with room for one checkpoint: the first is
     written, the second fails with ENOSPC. The failure is logged and in the metrics, the previous
@@ -488,6 +495,7 @@ def test_a_full_disk_at_checkpoint_time_is_reported_and_training_goes_on(art, tm
     assert len(load_file(str(kept / "server_model.safetensors"))) > 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_edge_checkpoint_time_is_reported_and_training_goes_on(art, tmp_path, tiny_disk):
     """The edge checkpoints every 2 steps onto a 40 KiB disk (an edge checkpoint of this model is
     about 16 KB): the writes that do not fit fail, are logged, and the edge trains on to the end;

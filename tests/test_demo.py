@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 
-from helpers import bin_path
+import pytest
+
+from helpers import bin_path, run_cli
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
     wd = tmp_path / "demo"
     wd.mkdir()
@@ -41,8 +44,7 @@ def test_demo_runs_the_whole_system_and_reports_accuracy_and_traffic(tmp_path):
 
 
 def test_demo_reports_a_missing_dataset_clearly(tmp_path):
-    res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(tmp_path / "d"), "--data",
-                          f"idx:{tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
+    res = run_cli("splitedge", "demo", "--workdir", str(tmp_path / "d"), "--data", f"idx:{tmp_path / 'nothing'}")
     assert res.returncode == 2
     assert "nothing" in res.stderr and "Error" in res.stderr
     assert not (tmp_path / "d").exists()
@@ -52,9 +54,8 @@ def test_demo_never_replaces_a_directory_it_did_not_write(tmp_path):
     wd = tmp_path / "precious"
     wd.mkdir()
     (wd / "thesis.tex").write_text("years of work\n")
-    res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(wd), "--data",
-                          "synthetic:n=256,classes=10,shape=1x28x28", "--steps", "1"],
-                         capture_output=True, text=True, timeout=120)
+    res = run_cli("splitedge", "demo", "--workdir", str(wd), "--data", "synthetic:n=256,classes=10,shape=1x28x28",
+                  "--steps", "1")
     assert res.returncode == 2 and "was not written by splitedge demo" in res.stderr
     assert (wd / "thesis.tex").read_text() == "years of work\n" and sorted(p.name for p in wd.iterdir()) == ["thesis.tex"]
 
@@ -66,7 +67,6 @@ def test_a_bad_cut_leaves_the_last_demo_in_place(tmp_path):
     wd.mkdir()
     (wd / ".splitedge-demo").write_text("an earlier demo\n")
     (wd / "demo-summary.json").write_text("{}\n")
-    res = subprocess.run([bin_path("splitedge"), "demo", "--workdir", str(wd), "--cut", "layer9"],
-                         capture_output=True, text=True, timeout=120)
+    res = run_cli("splitedge", "demo", "--workdir", str(wd), "--cut", "layer9")
     assert res.returncode == 2 and "unknown cut 'layer9'" in res.stderr, res.stderr
     assert (wd / "demo-summary.json").read_text() == "{}\n"

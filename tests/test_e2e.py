@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import zmq
 
+from helpers import run_cli
 from splitedge.lab import launch
 from splitedge.wire import protocol as P
 from splitedge.runtime_edge import data as D
@@ -103,6 +104,7 @@ def test_sgq_cuts_real_traffic_against_fp32(e2e_runs):
 # ---------------------------------------------------------------------------- equivalence
 
 
+@pytest.mark.slow
 def test_split_training_equals_one_pytorch_process(exported, tmp_path):
     """fp32 codec, one client, plain SGD on both sides: each step of the real split system (edge
     process on ORT, cloud process on torch, ZeroMQ between) equals one SGD step of the whole
@@ -235,6 +237,7 @@ def _dealer(port: int) -> zmq.Socket:
     return s
 
 
+@pytest.mark.slow
 def test_garbage_and_bad_messages_get_errors_and_the_server_keeps_serving(synth_artifacts, tmp_path):
     port = launch.free_port()
     cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "fp32", "--expect-clients", "1",
@@ -322,6 +325,7 @@ def _fp32_with_nan(x: np.ndarray) -> bytes:
     return bytes(body)
 
 
+@pytest.mark.slow
 def test_a_killed_client_does_not_stall_the_others(synth_artifacts, tmp_path):
     port = launch.free_port()
     cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--client-timeout", "3",
@@ -341,6 +345,7 @@ def test_a_killed_client_does_not_stall_the_others(synth_artifacts, tmp_path):
             p.kill()
 
 
+@pytest.mark.slow
 def test_a_restarted_cloud_resumes_and_the_clients_follow(synth_artifacts, tmp_path):
     port = launch.free_port()
     ckpt = tmp_path / "ckpt"
@@ -382,6 +387,7 @@ def test_import_hygiene_of_the_edge_side():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_fedavg_leaves_every_client_with_the_same_weighted_average(synth_artifacts, tmp_path):
     """3 clients with Dirichlet shards of different sizes, FedAvg every 5 steps, 10 steps: after the
     last round (step 10) all edges hold identical weights; the cloud logged both rounds with all
@@ -409,6 +415,7 @@ def test_fedavg_leaves_every_client_with_the_same_weighted_average(synth_artifac
     assert not np.array_equal(params[0]["conv1.weight"], init["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_fedavg_with_a_late_joiner_does_not_deadlock(synth_artifacts, tmp_path):
     """Client 0 averages alone until clients 1 and 2 join; they catch up on the rounds client 0 has
     passed among themselves, then all three average together; everyone finishes."""
@@ -434,14 +441,14 @@ def test_fedavg_with_a_late_joiner_does_not_deadlock(synth_artifacts, tmp_path):
 
 
 def test_edge_train_refuses_more_clients_than_samples(synth_artifacts):
-    res = subprocess.run(launch.script("edge-train") + [
-        "--artifacts", str(synth_artifacts), "--data", "synthetic:n=64,classes=10,shape=1x28x28,seed=0",
-        "--num-clients", "100", "--client-id", "3", "--give-up", "5"], capture_output=True, text=True, timeout=120)
+    res = run_cli("edge-train", "--artifacts", str(synth_artifacts), "--data", "synthetic:n=64,classes=10,shape=1x28x28,seed=0",
+                  "--num-clients", "100", "--client-id", "3", "--give-up", "5")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "--num-clients 100" in res.stderr and "at least min_size=1 of 64 samples" in res.stderr
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_max_clients_refuses_new_ids_while_full(synth_artifacts, tmp_path):
     port = launch.free_port()
     cloud = _start_cloud(synth_artifacts, port, tmp_path, "--codec", "uq", "--max-clients", "2")

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from splitedge.lab import launch
 from splitedge.fsutil import CheckpointDir
@@ -65,7 +64,7 @@ def cloud(art, tmp_path):
         cmd = launch.script("cloud-serve") + [
             "--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{port}", "--threads", "1", "--log-every", "0",
             "--metrics", str(tmp_path / "metrics.jsonl"), *extra]
-        procs.append(subprocess.Popen(cmd, stdout=open(tmp_path / "cloud.log", "a"), stderr=subprocess.STDOUT))
+        procs.append(launch.popen_logged(cmd, tmp_path / "cloud.log", mode="a"))
         return port
 
     yield start
@@ -364,12 +363,11 @@ def test_ctrl_c_is_held_back_until_onnxruntime_is_loaded():
     from splitedge.runtime_edge.ort_backend import _sigint_deferred
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with _sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(100):  # the handler runs between bytecodes of the main thread
-                time.sleep(0.001)
-            done.append(True)
+    with pytest.raises(KeyboardInterrupt), _sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between bytecodes of the main thread
+            time.sleep(0.001)
+        done.append(True)
     assert done == [True], "the block ran to its end"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

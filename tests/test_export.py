@@ -49,7 +49,7 @@ def _fill_like_reference(model: torch.nn.Module) -> None:
 
 
 def test_zoo_names_match_the_registry():
-    assert zoo_names.MODEL_NAMES == zoo.available()
+    assert zoo.available() == zoo_names.MODEL_NAMES
 
 
 @pytest.mark.parametrize("name", zoo_names.MODEL_NAMES)

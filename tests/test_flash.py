@@ -84,8 +84,7 @@ def board(tmp_path_factory):
     if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory, as root
     log = root / "sshd.log"
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
+    proc = launch.popen_logged([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], log)
     deadline = time.monotonic() + 15
     while True:
         if proc.poll() is not None:
@@ -243,7 +242,7 @@ def test_a_board_python_older_than_the_profile_needs_is_refused_before_anything_
     remote = tmp_path / "r"
     r = board.flash("--profile", str(future), "--artifacts", str(art), remote=remote)
     assert r.returncode == 1, r.stdout + r.stderr
-    have = "%d.%d.%d" % sys.version_info[:3]
+    have = "{}.{}.{}".format(*sys.version_info[:3])
     assert (f"FAILED at check: profile cpu-future needs Python >= 3.99 but the board {board.host} (port {board.port})"
             f" has Python {have} ({sys.executable}); nothing was copied") in r.stdout, r.stdout
     assert "  copy " not in r.stdout and not remote.exists()
@@ -464,9 +463,9 @@ def test_the_installed_release_trains_against_a_cloud(board, art, flashed, tmp_p
     assert r0.returncode == 0, r0.stdout + r0.stderr
     port = launch.free_port()
     cloud_log = tmp_path / "cloud.log"
-    cloud = subprocess.Popen(launch.script("cloud-serve") + [
+    cloud = launch.popen_logged(launch.script("cloud-serve") + [
         "--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{port}", "--expect-clients", "1", "--exit-when-done",
-        "--codec", "uq", "--bits", "8", "--threads", "1"], stdout=open(cloud_log, "w"), stderr=subprocess.STDOUT)
+        "--codec", "uq", "--bits", "8", "--threads", "1"], cloud_log)
     try:
         summary = tmp_path / "edge.json"
         cmd = (f"PYTHON={sys.executable} {remote}/current/run.sh train --connect tcp://127.0.0.1:{port} "

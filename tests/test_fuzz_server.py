@@ -97,7 +97,7 @@ class Cloud:
             "--client-timeout", "2", "--max-client-errors", str(MAX_CLIENT_ERRORS), "--error-window", "30",
             "--fedavg-every", str(FEDAVG_EVERY), "--log-every", "0",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.proc = launch.popen_logged(cmd, self.log)
         self.ctx = zmq.Context.instance()
 
     def dealer(self, identity: bytes | None = None) -> zmq.Socket:
@@ -653,6 +653,7 @@ def step_ids(draw, applied: int) -> int:
 # ---------------------------------------------------------------------------- the fuzz
 
 
+@pytest.mark.slow
 def test_fuzz_the_running_server(cloud, art):
     from splitedge.export import manifest as mf
     from splitedge.runtime_cloud.fedavg import client_param_shapes

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 
-from helpers import bin_path
+import pytest
+
+from helpers import bin_path, run_cli
 
 CLIENTS, STEPS = 32, 5
 
 
+@pytest.mark.slow
 def test_one_cloud_holds_32_clients_without_errors(tmp_path):
     out = tmp_path / "load.json"
     res = subprocess.run([bin_path("splitedge"), "bench", "load", "--clients", str(CLIENTS), "--steps", str(STEPS),
@@ -35,12 +38,9 @@ def test_one_cloud_holds_32_clients_without_errors(tmp_path):
 
 
 def test_bench_load_rejects_bad_arguments():
-    res = subprocess.run([bin_path("splitedge"), "bench", "load", "--input-shape", "16x16"], capture_output=True,
-                         text=True, timeout=120)
+    res = run_cli("splitedge", "bench", "load", "--input-shape", "16x16")
     assert res.returncode == 2 and "must be three positive integers C,H,W" in res.stderr, res.stderr
-    res = subprocess.run([bin_path("splitedge"), "bench", "load", "--cut", "layer9"], capture_output=True, text=True,
-                         timeout=120)
+    res = run_cli("splitedge", "bench", "load", "--cut", "layer9")
     assert res.returncode == 2 and "unknown cut 'layer9'" in res.stderr, res.stderr
-    res = subprocess.run([bin_path("splitedge"), "bench", "load", "--codec", "nosuch"], capture_output=True, text=True,
-                         timeout=120)
+    res = run_cli("splitedge", "bench", "load", "--codec", "nosuch")
     assert res.returncode == 2 and "available" in res.stderr

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ class Relay:
             try:
                 a, _ = self.listener.accept()
                 conns.append((a, self._connect()))
-            except socket.timeout:
+            except TimeoutError:
                 pass
             for a, b in list(conns):
                 while True:

@@ -191,12 +191,12 @@ def live_run(tmp_path_factory, artifacts_28):
     tmp = tmp_path_factory.mktemp("status")
     port, http_port = launch.free_port(), launch.free_port()
     metrics, tb = tmp / "metrics.jsonl", tmp / "tb"
-    cloud = subprocess.Popen(
+    cloud = launch.popen_logged(
         launch.script("cloud-serve") + ["--artifacts", str(artifacts_28), "--bind", f"tcp://127.0.0.1:{port}",
                                         "--codec", "uq", "--bits", "4", "--threads", "1", "--log-every", "0",
                                         "--metrics", str(metrics), "--tensorboard", str(tb),
                                         "--status", f"127.0.0.1:{http_port}"],
-        stdout=open(tmp / "cloud.log", "w"), stderr=subprocess.STDOUT)
+        tmp / "cloud.log")
     url = f"http://127.0.0.1:{http_port}/"
     edges = []
     seen: list[dict] = []
@@ -211,13 +211,13 @@ def live_run(tmp_path_factory, artifacts_28):
                 assert cloud.poll() is None and time.monotonic() < deadline, (tmp / "cloud.log").read_text()
                 time.sleep(0.3)
         for cid in (0, 1):
-            edges.append(subprocess.Popen(
+            edges.append(launch.popen_logged(
                 launch.script("edge-train") + [
                     "--artifacts", str(artifacts_28), "--connect", f"tcp://127.0.0.1:{port}",
                     "--data", "synthetic:n=640,classes=10,shape=1x28x28,seed=3", "--client-id", str(cid),
                     "--num-clients", "2", "--steps", "40", "--batch-size", "8", "--eval-every", "20",
                     "--eval-samples", "64", "--threads", "1"],
-                stdout=open(tmp / f"edge{cid}.log", "w"), stderr=subprocess.STDOUT))
+                tmp / f"edge{cid}.log"))
         doms: list[str] = []
         out["doms"] = doms
         while any(e.poll() is None for e in edges):

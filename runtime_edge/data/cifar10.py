@@ -23,7 +23,7 @@ import pickle
 import pickletools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -130,6 +130,8 @@ class _Dtype:
     """Stands in for ``numpy.dtype(typestr, False, True)`` of a plain numeric typestr, plus its byte order."""
 
     __slots__ = ("order", "typestr")
+    typestr: str
+    order: Literal["<", ">", "|", "="]
 
     def __new__(cls, *args: object, **kwargs: object) -> _Dtype:
         if kwargs or len(args) != 3 or args[1] not in (0, False) or args[2] not in (1, True):
@@ -150,7 +152,7 @@ class _Dtype:
         order = _text(state[1], "dtype byte order")
         if order not in ("<", ">", "|", "=") or state[2:5] != (None, None, None):
             raise UnsafePickleError(f"refusing numpy dtype state {state!r:.120}: only plain numeric dtypes are allowed")
-        self.order = order
+        self.order = cast(Literal["<", ">", "|", "="], order)
 
     def numpy(self) -> np.dtype:
         dt = np.dtype(self.typestr)
@@ -176,6 +178,7 @@ class _PendingArray:
     """What ``_reconstruct`` returns: becomes a numpy array when BUILD gives it its state."""
 
     __slots__ = ("array", "loader")
+    array: np.ndarray | None
 
     def __init__(self, loader: _Loader) -> None:
         self.loader, self.array = loader, None

@@ -95,7 +95,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
                         f"({total} bytes in all), the file has {size} bytes"
                     )
             buf = np.empty(nbytes, dtype=np.uint8)
-            view, got = memoryview(buf), 0
+            view, got = buf.data, 0
             while got < nbytes:
                 n = f.readinto(view[got:])
                 if not n:

@@ -7,6 +7,7 @@ over TCP loopback, with their logs, metrics and summaries in one directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+
+def popen_logged(cmd: list[str], log: str | os.PathLike[str], *, mode: str = "w", **kw: Any) -> subprocess.Popen:
+    """Starts ``cmd`` with its stdout and stderr going to the file ``log``; the parent's handle on the
+    file is closed once the child has it."""
+    with open(log, mode) as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
 
 
 def free_port() -> int:
@@ -72,17 +81,15 @@ class RunResult:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     if not path.exists():
         return out
     with open(path) as f:
         for line in f:
             line = line.strip()
             if line:
-                try:
+                with contextlib.suppress(json.JSONDecodeError):  # a line being written
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written
     return out
 
 
@@ -104,10 +111,8 @@ class _JsonlTail:
         self.offset += end
         out = []
         for line in chunk[:end].splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
         return out
 
 
@@ -140,8 +145,7 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
             "--expect-clients", str(spec.num_clients), "--exit-when-done", *spec.cloud_args,
         ]
         (wd / "cloud.cmd").write_text(" ".join(cloud_cmd) + "\n")
-        procs.append(("cloud-serve", subprocess.Popen(cloud_cmd, stdout=open(cloud_log, "w"), stderr=subprocess.STDOUT,
-                                                      env=env), cloud_log))
+        procs.append(("cloud-serve", popen_logged(cloud_cmd, cloud_log, env=env), cloud_log))
         for cid in range(spec.num_clients):
             log = wd / f"edge-{cid}.log"
             cmd = (spec.edge_command or script("edge-train")) + [
@@ -150,8 +154,7 @@ def run(spec: RunSpec, on_tick: Callable[[list[dict[str, Any]]], None] | None = 
                 *spec.edge_args, *spec.per_client_args.get(cid, []),
             ]
             (wd / f"edge-{cid}.cmd").write_text(" ".join(cmd) + "\n")
-            procs.append((f"edge-train {cid}", subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                                                env=env), log))
+            procs.append((f"edge-train {cid}", popen_logged(cmd, log, env=env), log))
         tail = _JsonlTail(metrics)
         events: list[dict[str, Any]] = []
         while True:

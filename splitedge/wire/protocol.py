@@ -310,7 +310,7 @@ def expect_frames(msg: Message, count: int | tuple[int, int]) -> None:
 def array_frame(a: np.ndarray, dtype: str) -> memoryview:
     """A C-contiguous little-endian array as a zero-copy frame."""
     a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
-    return memoryview(a).cast("B")
+    return a.data.cast("B")
 
 
 def read_array(frame: Any, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:

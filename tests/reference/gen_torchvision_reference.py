@@ -33,4 +33,5 @@ for name in ["resnet18", "resnet34", "vgg11", "mobilenet_v2", "shufflenet_v2_x1_
         "logits": [round(float(v), 7) for v in y],
     }
     print(name, y[:3], file=sys.stderr)
-json.dump(out, open(sys.argv[1], "w"), indent=0, sort_keys=True)
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f, indent=0, sort_keys=True)

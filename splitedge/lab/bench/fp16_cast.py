@@ -39,7 +39,8 @@ def numpy_from_half(h: np.ndarray) -> np.ndarray:
 def median_ms_pair(a, b, repeat: int) -> tuple[float, float]:
     """Medians (ms) of ``a`` and ``b``, timed alternately so that a shared machine's load hits both alike."""
     a(), b()  # warm-up
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for _ in range(repeat):
         for fn, times in ((a, ta), (b, tb)):
             t0 = time.perf_counter()

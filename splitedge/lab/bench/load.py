@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -38,11 +39,14 @@ from ...errors import FiniteFloat, InputShape, UserError
 from ...export.zoo_names import MODEL_NAMES, check_cut
 from ...fsutil import check_writable_file
 
+if TYPE_CHECKING:
+    import zmq
+
 
 @dataclass
 class SimClient:
     cid: int
-    sock: object
+    sock: zmq.Socket
     payloads: list[bytes]
     labels: list[bytes]
     state: str = "hello"  # hello -> train -> bye -> done (or failed)
@@ -107,9 +111,8 @@ def run_load(artifacts: Path, workdir: Path, *, clients: int, steps: int, batch_
         status_port = launch.free_port()
         cmd += ["--status", f"127.0.0.1:{status_port}"]
         viewer = _PageViewer(f"http://127.0.0.1:{status_port}/")
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    ctx = zmq.Context.instance()
+    proc = launch.popen_logged(cmd, log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ctx: zmq.Context = zmq.Context.instance()
     sims: list[SimClient] = []
     errors: Counter = Counter()
     try:

@@ -61,21 +61,25 @@ def main(repeat: int) -> None:
     rng = np.random.default_rng(0)
     x = activation(rng)
     codec = sc.get("sgq", bits=4)
+    assert isinstance(codec, sgq.SGQ)
     enc_ms = median_ms(lambda: codec.encode(x), repeat)
 
     # the assignment as stripe_vq runs it, on the centroids of the last encode
     x3 = x.reshape(32, 64, -1)
     n, c, s = x3.shape
-    perm, sizes = codec.grouping(codec.last_significance, c)
+    sig, warm = codec.last_significance, codec._warm
+    if sig is None or warm is None:
+        raise RuntimeError("the sgq encode kept no significance or centroids")
+    perm, sizes = codec.grouping(sig, c)
     idx, valid = vq.padded_index(perm, sizes)
-    wpad = np.where(valid, codec.last_significance[idx], 0.0).astype(np.float32)
+    wpad = np.where(valid, sig[idx], 0.0).astype(np.float32)
     g, dmax = idx.shape
     m = n * s
     xa = np.empty((g, dmax + 2, m), np.float32)
     xa[:, :dmax] = x3.transpose(1, 0, 2)[idx.reshape(-1)].reshape(g, dmax, m)
     xa[:, dmax] = 1.0
     kmeans.augment(xa[:, :dmax], wpad, out=xa, ones=False)
-    U = codec._warm[1]  # the centroids of the last encode (kept for its warm start)
+    U = warm[1]  # the centroids of the last encode (kept for its warm start)
     Ua = kmeans.centroid_rows(U, wpad)
     k = Ua.shape[1]
     step = max(1, vq._ASSIGN_BLOCK // (g * k))
@@ -113,7 +117,7 @@ def main(repeat: int) -> None:
         agree = float((got == labels).mean())
         if agree < 0.999:
             raise SystemExit(f"ONNX Runtime's labels agree with numpy's on only {agree:.2%} of the stripes")
-        ort_ms = median_ms(lambda: sess.run(None, {"X": XT, "U": UT}), repeat)
+        ort_ms = median_ms(lambda sess=sess: sess.run(None, {"X": XT, "U": UT}), repeat)
         print(f"{f'  the same assignment in ONNX Runtime, {threads} thread(s)':52s} {ort_ms:8.3f} ms  "
               f"{ort_ms / assign_ms:5.2f}x numpy's; labels agree on {agree:.2%}")
 

@@ -95,38 +95,45 @@ def measure(shape: tuple[int, int, int], *, model: str, cut: int | str, batch: i
         _, m = oe.export(oe.ExportRequest(model, cut, input_shape=shape, out=str(out), lr=1e-6))
         cache[key] = (out, m)
     out, m = cache[key]
-    em = EdgeModel(out, threads=threads)
-    act = em.forward(x)
-    grad = (rng.standard_normal(act.shape) * 1e-3).astype(np.float32)
 
-    def ort_step():
-        em.forward(x)
-        em.train_step(x, grad)
+    # Each backend lives only inside its function, so it is freed before the next one is measured.
+    def measure_ort():
+        em = EdgeModel(out, threads=threads)
+        act = em.forward(x)
+        grad = (rng.standard_normal(act.shape) * 1e-3).astype(np.float32)
 
-    fwd_ms = _median_ms(lambda: em.forward(x), repeat)
+        def ort_step():
+            em.forward(x)
+            em.train_step(x, grad)
 
-    def ort_timed():
-        nonlocal step_ms
-        step_ms = _median_ms(ort_step, repeat)
+        fwd_ms = _median_ms(lambda: em.forward(x), repeat)
+        step_ms = 0.0
 
-    step_ms = 0.0
-    ort_mem = _peak_memory(ort_timed)
-    del em
+        def ort_timed():
+            nonlocal step_ms
+            step_ms = _median_ms(ort_step, repeat)
 
-    pm = PortableModel(out, threads=threads)
+        ort_mem = _peak_memory(ort_timed)
+        return act, grad, fwd_ms, step_ms, ort_mem
 
-    def portable_step():
-        pm.forward(x)
-        pm.train_step(x, grad)
+    def measure_portable():
+        pm = PortableModel(out, threads=threads)
 
-    portable_ms = 0.0
+        def portable_step():
+            pm.forward(x)
+            pm.train_step(x, grad)
 
-    def portable_timed():
-        nonlocal portable_ms
-        portable_ms = _median_ms(portable_step, repeat)
+        portable_ms = 0.0
 
-    portable_mem = _peak_memory(portable_timed)
-    del pm
+        def portable_timed():
+            nonlocal portable_ms
+            portable_ms = _median_ms(portable_step, repeat)
+
+        portable_mem = _peak_memory(portable_timed)
+        return portable_ms, portable_mem
+
+    act, grad, fwd_ms, step_ms, ort_mem = measure_ort()
+    portable_ms, portable_mem = measure_portable()
 
     if threads:
         torch.set_num_threads(threads)
@@ -153,8 +160,8 @@ def measure(shape: tuple[int, int, int], *, model: str, cut: int | str, batch: i
         params = {"bits": bits} if "bits" in sc.get(name).params else {}
         c = sc.get(name, **params)
         blob = c.encode(act)
-        enc_ms = _median_ms(lambda: c.encode(act), repeat)
-        dec_ms = _median_ms(lambda: sc.decode(blob), repeat)
+        enc_ms = _median_ms(lambda c=c: c.encode(act), repeat)
+        dec_ms = _median_ms(lambda blob=blob: sc.decode(blob), repeat)
         rows.append({
             "codec": name, "params": c.params, "encode_ms": round(enc_ms, 3), "decode_ms": round(dec_ms, 3),
             "encode_share": round(enc_ms / step_ms, 4), "decode_share": round(dec_ms / step_ms, 4),
@@ -177,7 +184,7 @@ def _shape(text: str) -> tuple[int, int, int]:
     parts = tuple(int(v) for v in text.strip().lower().split("x"))
     if len(parts) != 3 or min(parts) < 1:
         raise ValueError
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -265,7 +272,7 @@ def _run_rows(rows_todo, exports, results, model, names, bits, repeat, threads) 
                    f"{'x'.join(map(str, r['activation_shape'][1:]))}")
         pk, px = r["peak_rss_mib"], r["peak_extra_mib"]
 
-        def mem(k):
+        def mem(k, pk=pk, px=px):
             return f"peak RSS {pk[k]:.0f} MiB (+{px[k]:.0f})" if pk[k] is not None else "peak RSS n/a"
 
         click.echo(f"  edge step on ORT (forward + train step + optimizer): {r['ort_step_ms']:.2f} ms "
