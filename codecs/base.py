@@ -69,9 +69,8 @@ class Param:
             value = float(value)
             if not math.isfinite(value):
                 raise bad
-        elif self.kind is str:
-            if not isinstance(value, str):
-                raise bad
+        elif self.kind is str and not isinstance(value, str):
+            raise bad
         if self.choices is not None and value not in self.choices:
             raise bad
         if self.low is not None and value < self.low:

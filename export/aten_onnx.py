@@ -113,6 +113,7 @@ class _Converter:
                 outputs = node.args[0]
             else:
                 raise PortableExportError(f"unsupported FX node kind {node.op}")
+        assert outputs is not None, "the FX graph has no output node"
         return list(outputs)
 
     def _call(self, node) -> None:

@@ -8,7 +8,8 @@ averaged (weighted by the clients' sample counts), for the server to send back.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -52,7 +53,8 @@ class FedAvgRounds:
                 continue
             total = sum(n for _, n in got.values())
             names = self.names
-            avg = {k: sum(w[k].astype(np.float64) * (n / total) for w, n in got.values()).astype(np.float32) for k in names}
+            avg = {k: np.sum([w[k].astype(np.float64) * (n / total) for w, n in got.values()], axis=0).astype(np.float32)
+                   for k in names}
             del self.pending[rnd]
             self.pending_since.pop(rnd, None)
             yield rnd, sorted(got), avg, total

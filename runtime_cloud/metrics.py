@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+import contextlib
 
 log = logging.getLogger("cloud-serve")
 
@@ -25,7 +26,7 @@ class Metrics:
         if path:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(path, "a", buffering=1)
+                self._f = open(path, "a", buffering=1)  # noqa: SIM115 - held open for the run, closed by close()
             except OSError as e:
                 raise OSError(e.errno, f"cannot write the metrics file {path}: {e.strerror or e}") from None
 
@@ -38,6 +39,7 @@ class Metrics:
             observe(rec)
         if not to_file:
             return
+        assert self._f is not None  # to_file: a metrics file is open
         try:
             self._f.write(json.dumps(rec, default=float) + "\n")
         except OSError as e:
@@ -46,7 +48,5 @@ class Metrics:
 
     def close(self) -> None:
         if self._f is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._f.close()
-            except OSError:
-                pass

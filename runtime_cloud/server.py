@@ -10,9 +10,9 @@ for the messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
 import signal
 import time
 import uuid
@@ -213,10 +213,8 @@ class CloudServer(Checkpointing):
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (tests)
                 signal.signal(sig, self.stop)
-            except ValueError:  # not the main thread (tests)
-                pass
         s = self.codec_settings()
         log.info(
             "serving %s cut %d (activation %s) on %s%s; codec %s %s, gradients %s %s; server %s %s",
@@ -249,10 +247,9 @@ class CloudServer(Checkpointing):
         if self.fedavg.pending:  # rounds that were waiting for clients to join may be due
             self._complete_rounds()
         if self.ckpt and self.server_step - self._last_ckpt_step >= self.cfg.checkpoint_every:
-            try:
+            # a failure is logged and in the metrics; the previous checkpoint is intact: keep training, retry later
+            with contextlib.suppress(OSError):
                 self._checkpoint()
-            except OSError:
-                pass  # logged and in the metrics; the previous checkpoint is intact: keep training, retry later
         if self.cfg.exit_when_done and self.cfg.expect_clients:
             done = sum(1 for s in self.by_client.values() if s.done)
             gone = sum(1 for s in self.by_client.values() if s.timed_out)

@@ -230,7 +230,7 @@ class EdgeClient:
         if self.stop_signal is not None:
             raise _Stop
 
-    def _interrupted(self) -> "Interrupted":
+    def _interrupted(self) -> Interrupted:
         """Saves a checkpoint of the last completed step (the model is never left mid-step: the handler
         only sets a flag) and words what to do next."""
         p = self.progress

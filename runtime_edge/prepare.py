@@ -129,7 +129,7 @@ def prepare(cfg: EdgeConfig) -> Prepared:
         ckpt.adopt(start.latest)  # this run continues it: rotation may delete it once newer ones exist
     manifest = model.manifest
     # folder: images are resized to the artifacts' H x W (the other kinds have a native size)
-    size = {"image_size": tuple(manifest.input_shape[1:])} if len(manifest.input_shape) == 3 else {}
+    size: dict[str, Any] = {"image_size": tuple(manifest.input_shape[1:])} if len(manifest.input_shape) == 3 else {}
     train_set = D.load(cfg.data, split="train", **size)
     test_set = D.load(cfg.data, split="test", **size)
     if tuple(train_set.input_shape) != tuple(manifest.input_shape):
@@ -150,6 +150,7 @@ def prepare(cfg: EdgeConfig) -> Prepared:
     partition_info = D.partition_fingerprint(train_set.labels, shards, cfg.partition, cfg.seed)
     if start.run is not None:  # the same shard, cut into batches the same way
         resume.check_resume(start.run, resume.run_identity(cfg, manifest, partition_info["plan"]), start.latest)
+    assert cfg.batch_size is not None  # set by _apply_profile
     batches_per_epoch = len(shard) // cfg.batch_size
     if batches_per_epoch < 1:
         raise EdgeInputError(f"client {cfg.client_id}'s shard has {len(shard)} samples, fewer than one batch "
@@ -237,7 +238,7 @@ def _apply_profile(cfg: EdgeConfig) -> tuple[EdgeConfig, Any]:
     if cfg.backend == "portable":  # plain onnxruntime: the training build's module may be absent
         from .portable_backend import available_providers
     else:
-        from .ort_backend import available_providers  # type: ignore[no-redef]
+        from .ort_backend import available_providers
 
     try:
         s = edge_settings(cfg.profile, available_providers(), threads=cfg.threads, batch_size=cfg.batch_size,

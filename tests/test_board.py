@@ -142,10 +142,9 @@ def test_flash_install_self_test_and_train_20_sgq_steps_on_the_emulated_board(em
         # the board's run: cloud-serve here, the installed release's run.sh there (its profile and artifacts)
         ep_port = launch.free_port()
         metrics = tmp_path / "board-metrics.jsonl"
-        cloud = subprocess.Popen(launch.script("cloud-serve") + [
+        cloud = launch.popen_logged(launch.script("cloud-serve") + [
             "--artifacts", str(art), "--bind", f"tcp://127.0.0.1:{ep_port}", "--metrics", str(metrics),
-            "--expect-clients", "1", "--exit-when-done", *common_cloud],
-            stdout=open(tmp_path / "cloud.log", "w"), stderr=subprocess.STDOUT, cwd=repo)
+            "--expect-clients", "1", "--exit-when-done", *common_cloud], tmp_path / "cloud.log", cwd=repo)
         try:
             r = _ssh(port, key, kh,
                      f"cd {remote} && PYTHON={VENV}/bin/python ./current/run.sh train --connect tcp://127.0.0.1:{ep_port} "
@@ -165,6 +164,6 @@ def test_flash_install_self_test_and_train_20_sgq_steps_on_the_emulated_board(em
         margin = 0.25 * (hi - lo)
         assert all(lo - margin <= v <= hi + margin for v in board_losses), (board_losses, host_losses)
         assert sum(board_losses[-5:]) < sum(board_losses[:5]), board_losses  # it learned there too
-        print(f"board losses {['%.3f' % v for v in board_losses]}; host {['%.3f' % v for v in host_losses]}")
+        print(f"board losses {[f'{v:.3f}' for v in board_losses]}; host {[f'{v:.3f}' for v in host_losses]}")
     finally:
         _ssh(port, key, kh, f"rm -rf {remote}")

@@ -146,8 +146,8 @@ def test_edge_trains_on_an_old_and_a_new_python_and_onnxruntime(version, edge_wh
                    {"VIRTUAL_ENV": str(venv)})
     first = max(abs(a - b) / abs(b) for a, b in zip(losses[:FIRST_STEPS], host_losses[:FIRST_STEPS]))
     mean, host_mean = sum(losses) / STEPS, sum(host_losses) / STEPS
-    print(f"CPython {version} + onnxruntime {have['onnxruntime']}: losses {['%.4f' % v for v in losses]}; "
-          f"host {['%.4f' % v for v in host_losses]}; first {FIRST_STEPS} steps within {first:.1e}; "
+    print(f"CPython {version} + onnxruntime {have['onnxruntime']}: losses {[f'{v:.4f}' for v in losses]}; "
+          f"host {[f'{v:.4f}' for v in host_losses]}; first {FIRST_STEPS} steps within {first:.1e}; "
           f"mean {mean:.4f} against {host_mean:.4f}")
     assert first <= FIRST_RTOL, (losses, host_losses)
     assert abs(mean - host_mean) <= MEAN_RTOL * host_mean, (losses, host_losses)

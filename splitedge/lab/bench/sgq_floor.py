@@ -56,7 +56,7 @@ def ort_argmin_session(g: int, k: int, d2: int, m: int, threads: int):
 def main(repeat: int) -> None:
 
     from ... import codecs as sc
-    from ...codecs import kmeans, vq
+    from ...codecs import kmeans, sgq, vq
 
     rng = np.random.default_rng(0)
     x = activation(rng)

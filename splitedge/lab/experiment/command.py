@@ -16,6 +16,7 @@ from .config import ConfigError, Experiment, RunConfig, load_config
 from .outputs import check_out_dir, init_out_dir, write_outputs
 from .report import fmt_kb
 from .run import _artifacts, execute, load_result, run_dir
+import contextlib
 
 
 def _select(exp: Experiment, patterns: tuple[str, ...]) -> list[tuple[RunConfig, float]]:
@@ -107,10 +108,8 @@ def main(config, out, dry_run, only, report_only, progress_every):
 
                 msg = str(e) if isinstance(e, launch.RunFailed) else f"{type(e).__name__}: {e}"
                 failed.append({"run": r.run_id, "error": msg})
-                try:
+                with contextlib.suppress(OSError):
                     (run_dir(exp.out, r) / "error.txt").write_text(msg + "\n")
-                except OSError:
-                    pass
                 echo(f"{head}: FAILED\n" + "\n".join("      | " + ln for ln in msg.splitlines()))
                 continue
             ran += 1

@@ -58,12 +58,11 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
-import click
 
 from ..codecs.spec import CodecSpec as _CodecSpec
-from ..errors import FiniteFloat, UserError
 
 RESULT_VERSION = 1  # of result.json and results.json
 

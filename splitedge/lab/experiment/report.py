@@ -6,7 +6,8 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from .config import RESULT_VERSION, Experiment, RunConfig
 

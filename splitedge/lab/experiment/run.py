@@ -14,7 +14,8 @@ import time
 from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from .config import RESULT_VERSION, RunConfig, _slug
 from .report import codec_payload_size
