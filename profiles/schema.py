@@ -75,11 +75,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the edge runs on CPython 3.8+: tomli is tomllib's own source, a requirement there
+    import tomli as tomllib
 
 SCHEMA_VERSIONS = (1,)
 PROFILE_DIR = Path(__file__).resolve().parent

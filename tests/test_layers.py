@@ -81,7 +81,9 @@ def violations(modules: dict[str, Path]) -> list[str]:
     bad = []
     for name, path in sorted(modules.items()):
         for dep in sorted(imports_of(name, path.read_text(), path.name == "__init__.py", known)):
-            if layer(dep) > layer(name):
+            if dep not in known:
+                bad.append(f"{name} imports {dep}, which is no module of the distribution (a wrong relative import?)")
+            elif layer(dep) > layer(name):
                 bad.append(f"{name} ({LAYERS[layer(name)]}) imports {dep} ({LAYERS[layer(dep)]})")
             elif (dep == "splitedge.lab" or dep.startswith("splitedge.lab.")) and layer(name) != 2:
                 bad.append(f"{name} imports {dep}: only splitedge.lab imports lab (the CLI names it lazily)")
@@ -105,6 +107,7 @@ def test_the_check_catches_an_upward_import(tmp_path):
         "splitedge.runtime_cloud.bad": ("from ..lab import launch\n", False),
         "splitedge.export.cli": ("from ..lab.bench import step\n", False),
         "splitedge.lab.ok": ("from .. import codecs\nfrom ..wire import protocol\n", False),
+        "splitedge.lab.sub.bad": ("from ..codecs import spec\n", False),  # one dot short: splitedge.lab.codecs
     }
     modules = {}
     for name, (src, _) in cases.items():
@@ -117,8 +120,9 @@ def test_the_check_catches_an_upward_import(tmp_path):
         f.write_text("")
         modules[dep] = f
     found = violations(modules)
-    assert len(found) == 4, found
-    for name in ("splitedge.codecs.bad", "splitedge.wire.bad", "splitedge.runtime_cloud.bad", "splitedge.export.cli"):
+    assert len(found) == 5, found
+    for name in ("splitedge.codecs.bad", "splitedge.wire.bad", "splitedge.runtime_cloud.bad", "splitedge.export.cli",
+                 "splitedge.lab.sub.bad"):
         assert any(v.startswith(name + " ") for v in found), (name, found)
 
 

@@ -62,7 +62,7 @@ from typing import Any
 from collections.abc import Iterable
 
 
-from ..codecs.spec import CodecSpec as _CodecSpec
+from ...codecs.spec import CodecSpec as _CodecSpec
 
 RESULT_VERSION = 1  # of result.json and results.json
 
