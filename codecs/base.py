@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -143,7 +143,7 @@ class Codec:
 
     name: ClassVar[str] = ""  # set with wire_id by @register(name, wire_id=...) (registry.py)
     wire_id: ClassVar[int] = 0
-    version: ClassVar[int] = 1  # payload version this implementation writes
+    version: int = 1  # payload version this implementation writes (an instance may override it)
     read_versions: ClassVar[tuple[int, ...]] = (1,)  # payload versions it reads
     minmax_version: ClassVar[int | None] = None  # the version written with grid="minmax" (grid codecs)
     PARAMS: ClassVar[Mapping[str, Param]] = {}
@@ -292,7 +292,7 @@ def read_struct(h: fmt.Header, spec: str) -> tuple:
     return st.unpack(h.params)
 
 
-def expect_sections(h: fmt.Header, sizes: list[int] | int) -> None:
+def expect_sections(h: fmt.Header, sizes: Sequence[int | None] | int) -> None:
     secs = h.sections
     if isinstance(sizes, int):
         if len(secs) != sizes:

@@ -77,9 +77,10 @@ class EasyQuant(Codec):
         best, best_r = np.inf, (lo0, hi0)
         for tl in SHRINK:
             for th in SHRINK:
-                lo = np.float32(mu - tl * (mu - lo0))
-                hi = np.float32(mu + th * (hi0 - mu))
-                lo, hi = float(min(lo, hi0)), float(max(hi, lo0))
+                lo32 = np.float32(mu - tl * (mu - lo0))
+                hi32 = np.float32(mu + th * (hi0 - mu))
+                # lo0 and hi0 are float32 values, so comparing as float picks the same bound
+                lo, hi = min(float(lo32), hi0), max(float(hi32), lo0)
                 e = _qerr(xs, lo, hi, b, self._p["grid"])
                 if e < best:
                     best, best_r = e, (lo, hi)

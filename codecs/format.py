@@ -43,6 +43,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def build(
     for s in sections:
         if isinstance(s, np.ndarray):
             s = np.ascontiguousarray(s)
-            s = memoryview(s).cast("B") if s.size else b""
+            s = memoryview(cast(Any, s)).cast("B") if s.size else b""  # ndarray is a buffer
         bufs.append(s)
     lens = [memoryview(b).nbytes for b in bufs]
     total = overhead(len(params), len(bufs)) + sum(lens)

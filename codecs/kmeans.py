@@ -24,6 +24,8 @@ index; empty clusters are re-seeded at the points farthest from their centroids.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 
@@ -136,6 +138,7 @@ def lloyd(
             far = np.argpartition(-dist, top - 1, axis=1)[:, :top] if top < m else np.argsort(-dist, axis=1)
             U[ge, ke, :] = Xa[ge, :d, far[ge, np.minimum(rank, top - 1)]]
             prev = None  # labels no longer match U
+    assert lab is not None  # the loop above runs at least once
     return U, lab
 
 
@@ -144,7 +147,7 @@ def kmeanspp(X: np.ndarray, k: int, w: np.ndarray | None, rng: np.random.Generat
     G, d, m = X.shape
     U = np.empty((G, k, d), np.float32)
     gi = np.arange(G)
-    idx = rng.integers(0, m, size=G)
+    idx = cast(np.ndarray, rng.integers(0, m, size=G))  # size= gives an array
     U[:, 0, :] = X[gi, :, idx]
     ww = np.ones((G, d), np.float32) if w is None else np.asarray(w, np.float32)
     D = None

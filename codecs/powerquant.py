@@ -56,7 +56,8 @@ def inverse_map(y: np.ndarray, a: float) -> np.ndarray:
 
 
 def _mse(xs: np.ndarray, a: float, lo: float, hi: float, bits: int, grid: str = "minmax") -> float:
-    ylo, yhi = float(forward_map(np.float32([lo]), a)[0]), float(forward_map(np.float32([hi]), a)[0])
+    ylo = float(forward_map(np.array([lo], np.float32), a)[0])
+    yhi = float(forward_map(np.array([hi], np.float32), a)[0])
     yh = _linear.roundtrip(forward_map(xs, a), ylo, yhi, bits, grid)
     d = inverse_map(yh, a) - xs
     return float(np.dot(d, d))

@@ -157,6 +157,7 @@ def channel_entropy(x3: np.ndarray, mn: np.ndarray | None = None, mx: np.ndarray
         if direct:
             np.multiply(x2[a:b], inv_row, out=zz)
         else:
+            assert lo_row is not None  # set when not direct
             np.subtract(x2[a:b], lo_row, out=zz)
             np.multiply(zz, inv_row, out=zz)
         np.exp(zz, out=ee)
@@ -360,6 +361,7 @@ class SLACC(Codec):
             self._hist = deque()
             self._hist_sum = np.zeros_like(H)
             self._hist_n = 0
+        assert self._hist is not None  # set together with _hist_sum
         self._hist.append(H)
         self._hist_sum += H
         self._hist_n += 1

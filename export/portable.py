@@ -275,7 +275,7 @@ def build_training_graphs(client: nn.Module, input_shape: tuple[int, ...], *, op
     _prune(bgraph)
     used = {i for n in bgraph.node for i in n.input}
     # backward inputs: only what its nodes use
-    b_inputs = []
+    b_inputs: list[onnx.ValueInfoProto] = []
     pshape = {INPUT: (TRACE_BATCH, *input_shape), ACTIVATION: act_shape}
     pshape.update({k: tuple(v.shape) for k, v in client.state_dict().items()})
     for name in bmap.values():

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -33,6 +33,10 @@ from .fedavg import FedAvgRounds, client_param_shapes
 from .metrics import Metrics
 from .state import Checkpointing
 from .trainer import ServerModel, StepRefused
+
+if TYPE_CHECKING:
+    from .status import StatusBoard, StatusServer
+    from .tb_scalars import TensorBoardSink
 
 log = logging.getLogger("cloud-serve")
 
@@ -121,7 +125,9 @@ class CloudServer(Checkpointing):
         self.server_step = 0
         self.session_id = uuid.uuid4().hex[:12]
         self.metrics = Metrics(cfg.metrics)
-        self.status_board = self.status_server = self.tensorboard = None
+        self.status_board: StatusBoard | None = None
+        self.status_server: StatusServer | None = None
+        self.tensorboard: TensorBoardSink | None = None
         self._status_synced = 0.0
         self.ckpt = CheckpointDir(cfg.checkpoint_dir, keep=cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self._stop = False
@@ -131,7 +137,7 @@ class CloudServer(Checkpointing):
         self.partitions: dict[str, tuple[str, int, str]] = {}  # partition plan -> (digest, first client, its numpy)
         if cfg.resume:
             self._resume()
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.auth = None
         curve = None
         if cfg.curve_secret or cfg.authorized_clients:
@@ -229,7 +235,9 @@ class CloudServer(Checkpointing):
             while not self._stop:
                 got = self.ep.recv(timeout_ms=100)
                 if got is not None:
-                    self._dispatch(*got)
+                    identity, frames = got
+                    assert identity is not None  # a ROUTER socket names the sender
+                    self._dispatch(identity, frames)
                 self._housekeeping()
         finally:
             rc = self._shutdown()
@@ -584,6 +592,7 @@ class CloudServer(Checkpointing):
         if loss_sum is not None and not np.isfinite(loss_sum):
             raise P.ProtocolError(f"EVAL: the loss of these activations is {loss_sum}", P.ErrorCode.NOT_FINITE)
         if labels is not None:
+            assert loss_sum is not None  # evaluate() gives the loss sum with labels
             self.metrics.write("eval", client=s.client_id, step=s.last_step, n=h["n"],
                                correct=int((np.asarray(pred) == np.asarray(labels)).sum()), loss_sum=round(loss_sum, 6))
         self._send(identity, P.eval_result(h["id"], n=h["n"], loss_sum=loss_sum, predictions=pred))

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
@@ -63,13 +63,14 @@ class EdgeClient:
         self.train_set, self.test_set, self.shard = prep.train_set, prep.test_set, prep.shard
         self.partition_info = prep.partition_info
         self.batches_per_epoch, self.planned_steps = prep.batches_per_epoch, prep.planned_steps
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.identity = f"edge-{cfg.client_id}-{uuid.uuid4().hex[:8]}".encode()
         # the emulated link's waits (hours per message at 1bit) end at SIGINT/SIGTERM and at --give-up
         self.link = Link(cfg.uplink_bps, cfg.downlink_bps, cfg.latency_s, interrupt=lambda: self.stop_signal is not None)
         if self.link.active:
             log.info("emulated link: %s", self.link.describe())
         # the largest message this edge expects: a gradient of one batch, or the averaged edge weights
+        assert cfg.batch_size is not None  # prepare() resolved it from the profile
         act_bytes = 4 * cfg.batch_size * int(np.prod(self.manifest.activation_shape))
         param_bytes = sum(4 * int(np.prod(v.shape)) for v in self.model.get_parameters().values())
         self.ep = client_socket(self.ctx, cfg.connect, self.identity, link=self.link, curve=prep.curve,
@@ -189,6 +190,7 @@ class EdgeClient:
                 # (re)start the batch stream at the recorded position; a skip (the cloud had already
                 # applied steps) changes the position, and the stream is restarted there
                 epoch, start = p.epoch, p.batch
+                assert self.cfg.batch_size is not None  # prepare() resolved it
                 batches = D.batches(self.train_set, self.shard, self.cfg.batch_size, seed=self.cfg.seed,
                                     epoch=epoch, start_batch=start)
                 for i, (x, y) in enumerate(batches):
@@ -278,8 +280,8 @@ class EdgeClient:
                     continue
                 if e.code == P.ErrorCode.STALE_STEP:
                     expected = e.header.get("expected_step")
-                    if is_int(expected) and expected > step:  # applied already: go on from where the cloud is
-                        self._advance(expected - step)
+                    if is_int(expected) and cast(int, expected) > step:  # applied already: go on from there
+                        self._advance(cast(int, expected) - step)
                         self._progressed()
                         return
                     # a stale_step that names no later step (this one again, or none): the cloud contradicts
@@ -416,13 +418,14 @@ class EdgeClient:
                 self._request(P.bye(reason=reason, steps=self.progress.step), P.MsgType.BYE_ACK)
                 return
             except RemoteError as e:
+                err: EdgeError | RemoteError = e
                 if again and e.code == P.ErrorCode.UNKNOWN_CLIENT:  # its session was closed (timed out): once more
                     try:
                         self.hello()
                         continue
                     except (EdgeError, RemoteError) as e2:
-                        e = e2
-                log.warning("BYE not acknowledged: %s", e)
+                        err = e2
+                log.warning("BYE not acknowledged: %s", err)
             except EdgeError as e:
                 log.warning("BYE not acknowledged: %s", e)
             return

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable, Iterable
 
 from .config import RESULT_VERSION, RunConfig, _slug
@@ -36,7 +36,7 @@ def _artifacts(exp_out: Path, run: RunConfig, log: Callable[[str], None]) -> Pat
     log(f"exporting {run.model} cut {run.cut} for {'x'.join(map(str, ds.input_shape))} inputs, "
         f"{ds.num_classes} classes, {run.optimizer} lr {run.lr} -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    oe.export(oe.ExportRequest(run.model, run.cut, input_shape=tuple(ds.input_shape), num_classes=ds.num_classes,
+    oe.export(oe.ExportRequest(run.model, run.cut, input_shape=cast("tuple[int, int, int]", tuple(ds.input_shape)), num_classes=ds.num_classes,
                                optimizer=run.optimizer, lr=run.lr, out=str(out)))
     return out
 
