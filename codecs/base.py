@@ -81,7 +81,7 @@ class Param:
 
 
 @dataclass(frozen=True, eq=False)
-class Meta(Mapping[str, Any]):
+class Meta(Mapping):  # not Mapping[str, Any]: collections.abc generics cannot be subscripted at run time on 3.8
     """What ``decode_with_meta`` returns beside the array, for the codec's ``backward`` and ``error_bound``.
 
     The typed part every payload has: ``codec`` (name), ``codec_version`` (payload version) and
